@@ -1,0 +1,115 @@
+"""Pure: an HAProxy configuration that behaves like the OpenShift router for passthrough Routes.
+
+What matters for clients (see ../shared/research.md): a `mode tcp` frontend that waits up to
+5 s for a ClientHello, picks the backend by the exact, lower-cased SNI, and hands anything else
+(no SNI, unknown host) to a TLS-terminating HTTP frontend holding the router's own wildcard
+certificate; `timeout client/server 30s` until then, `timeout tunnel` afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packit_broker.config import HostPort
+
+TUNNEL_TIMEOUT_ANNOTATION = "haproxy.router.openshift.io/timeout-tunnel"
+TIMEOUT_ANNOTATION = "haproxy.router.openshift.io/timeout"
+ALLOWLIST_ANNOTATION = "haproxy.router.openshift.io/ip_allowlist"
+DEFAULT_TUNNEL_TIMEOUT = "1h"
+_TIMEOUT = re.compile(r"^\d+(us|ms|s|m|h|d)?$")
+
+
+@dataclass(frozen=True)
+class PassthroughRoute:
+    name: str
+    host: str
+    backend: HostPort
+    tunnel_timeout: str = DEFAULT_TUNNEL_TIMEOUT
+    allowlist: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    bind: HostPort
+    default_cert_pem: Path  # the router's own certificate (key + chain)
+    sni_socket: Path  # unix socket of the internal TLS-terminating frontend
+    routes: tuple[PassthroughRoute, ...] = field(default_factory=tuple)
+
+
+def _backend_name(route: PassthroughRoute) -> str:
+    return "be_tcp_" + re.sub(r"[^A-Za-z0-9_]", "_", route.name)
+
+
+def _route_backend(route: PassthroughRoute) -> list[str]:
+    lines = [f"backend {_backend_name(route)}", f"  timeout tunnel {route.tunnel_timeout}"]
+    if route.allowlist:
+        lines.append(f"  acl allowlist src {' '.join(route.allowlist)}")
+        lines.append("  tcp-request content reject if !allowlist")
+    lines.append(f"  server pod {route.backend} weight 1")
+    return lines
+
+
+def haproxy_config(config: RouterConfig) -> str:
+    """The full haproxy.cfg text."""
+    lines = [
+        "global",
+        "  maxconn 4096",
+        "defaults",
+        "  mode tcp",
+        "  timeout connect 5s",
+        "  timeout client 30s",
+        "  timeout server 30s",
+        "  timeout tunnel 1h",
+        "  timeout http-request 10s",
+        "",
+        "frontend public_ssl",
+        f"  bind {config.bind}",
+        "  tcp-request inspect-delay 5s",
+        "  tcp-request content accept if { req_ssl_hello_type 1 }",
+    ]
+    for route in config.routes:
+        lines.append(
+            f"  use_backend {_backend_name(route)} if {{ req.ssl_sni,lower -m str "
+            f"{route.host.lower()} }}"
+        )
+    lines += [
+        "  default_backend be_sni",
+        "",
+        "backend be_sni",
+        f"  server fe_sni unix@{config.sni_socket} weight 1 send-proxy",
+        "",
+        "frontend fe_sni",
+        "  mode http",
+        f"  bind unix@{config.sni_socket} ssl crt {config.default_cert_pem} accept-proxy",
+        "  http-request return status 503 content-type text/plain"
+        ' string "Application is not available"',
+        "",
+    ]
+    for route in config.routes:
+        lines += [*_route_backend(route), ""]
+    return "\n".join(lines)
+
+
+def route_from_manifest(route: Mapping[str, Any], backend: HostPort) -> PassthroughRoute:
+    """Read host and router annotations from a rendered `Route` object (passthrough only)."""
+    spec = route.get("spec", {})
+    termination = spec.get("tls", {}).get("termination")
+    if termination != "passthrough":
+        raise ValueError(f"Route {route['metadata']['name']}: termination {termination!r}")
+    annotations = route.get("metadata", {}).get("annotations", {}) or {}
+    timeout = annotations.get(TUNNEL_TIMEOUT_ANNOTATION) or annotations.get(TIMEOUT_ANNOTATION)
+    timeout = timeout or DEFAULT_TUNNEL_TIMEOUT
+    if not _TIMEOUT.match(timeout):
+        raise ValueError(f"Route {route['metadata']['name']}: bad timeout {timeout!r}")
+    allowlist = tuple(annotations.get(ALLOWLIST_ANNOTATION, "").split())
+    return PassthroughRoute(
+        name=str(route["metadata"]["name"]),
+        host=str(spec["host"]),
+        backend=backend,
+        tunnel_timeout=timeout,
+        allowlist=allowlist,
+    )

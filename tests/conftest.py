@@ -1,0 +1,45 @@
+"""Shared fixtures: one real stack per test session (see packit_broker.stack)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from packit_broker.stack import Stack, StackError
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unavailable(message: str) -> None:
+    """Under CI a missing service is a failure that says what to install; locally a skip."""
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    try:
+        running = Stack().start()
+    except StackError as exc:
+        _unavailable(str(exc))
+        raise
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def queue_names() -> tuple[str, str, str]:
+    """Per-test queue names, so tests share one broker without seeing each other's messages."""
+    tag = uuid.uuid4().hex[:8]
+    return (f"short-running-{tag}", f"long-running-{tag}", f"rate-limited-{tag}")
+
+
+@pytest.fixture
+def client_env(stack: Stack, queue_names: tuple[str, str, str]) -> dict[str, str]:
+    return {**stack.client_env(), "PACKIT_BROKER_QUEUES": ",".join(queue_names)}
