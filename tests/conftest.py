@@ -43,3 +43,19 @@ def queue_names() -> tuple[str, str, str]:
 @pytest.fixture
 def client_env(stack: Stack, queue_names: tuple[str, str, str]) -> dict[str, str]:
     return {**stack.client_env(), "PACKIT_BROKER_QUEUES": ",".join(queue_names)}
+
+
+_next_db = iter(range(1, 10_000))
+
+
+@pytest.fixture
+def redis_url(stack: Stack) -> Iterator[str]:
+    """A Redis database of this test's own (1..15), flushed afterwards."""
+    import redis
+
+    url = stack.redis_url(1 + next(_next_db) % 15)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()

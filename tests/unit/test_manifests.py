@@ -1,0 +1,526 @@
+"""The bundled Templates render into objects Kubernetes and the OpenShift router accept.
+
+Kubernetes kinds are validated strictly with kubernetes-validate; the Route (an OpenShift kind
+it has no schema for) and the Template itself are checked with small schemas written from the
+OpenShift API reference, plus the router's rules for passthrough routes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped]
+import kubernetes_validate
+import pytest
+
+from packit_broker import render as engine
+
+K8S_VERSION = kubernetes_validate.latest_version()
+REPO = Path(__file__).resolve().parents[2]
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+REQUIRED_PARAMS: dict[str, dict[str, str]] = {
+    "rabbitmq": {"ROUTE_HOST": "amqp.apps.example.com"},
+    "postgresql-route": {"ROUTE_HOST": "postgres.apps.example.com"},
+    "worker": {
+        "IMAGE": "quay.io/packit/worker:latest",
+        "BROKER_URL": "amqps://packit:secret@amqp.apps.example.com:443/",
+        "CA_CERT": CA_PEM,
+    },
+}
+
+PARAMETER_SCHEMA = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-zA-Z0-9_]+$"},
+        "displayName": {"type": "string"},
+        "description": {"type": "string"},
+        "value": {"type": "string"},
+        "required": {"type": "boolean"},
+        "generate": {"enum": ["expression"]},
+        "from": {"type": "string"},
+    },
+    "dependentRequired": {"generate": ["from"]},
+}
+
+TEMPLATE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "objects", "parameters"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "template.openshift.io/v1"},
+        "kind": {"const": "Template"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}, "annotations": {"type": "object"}},
+        },
+        "message": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "objects": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "object", "required": ["apiVersion", "kind", "metadata"]},
+        },
+        "parameters": {"type": "array", "items": PARAMETER_SCHEMA},
+    },
+}
+
+# route.openshift.io/v1 Route, the fields this project may use (strict: nothing else).
+ROUTE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "route.openshift.io/v1"},
+        "kind": {"const": "Route"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["host", "to", "port", "tls"],
+            "additionalProperties": False,
+            "properties": {
+                "host": {
+                    "type": "string",
+                    "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                    "maxLength": 253,
+                },
+                "path": {"type": "string"},
+                "subdomain": {"type": "string"},
+                "to": {
+                    "type": "object",
+                    "required": ["kind", "name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "kind": {"const": "Service"},
+                        "name": {"type": "string", "minLength": 1},
+                        "weight": {"type": "integer", "minimum": 0, "maximum": 256},
+                    },
+                },
+                "port": {
+                    "type": "object",
+                    "required": ["targetPort"],
+                    "additionalProperties": False,
+                    "properties": {"targetPort": {"type": ["string", "integer"], "minLength": 1}},
+                },
+                "tls": {
+                    "type": "object",
+                    "required": ["termination"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "termination": {"enum": ["edge", "passthrough", "reencrypt"]},
+                        "insecureEdgeTerminationPolicy": {
+                            "enum": ["None", "Allow", "Redirect", ""]
+                        },
+                        "certificate": {"type": "string"},
+                        "key": {"type": "string"},
+                        "caCertificate": {"type": "string"},
+                        "destinationCACertificate": {"type": "string"},
+                    },
+                },
+                "wildcardPolicy": {"enum": ["None", "Subdomain"]},
+            },
+        },
+    },
+}
+
+_REFERENCE = re.compile(r"\$\{\{?([a-zA-Z0-9_]+)\}?\}")
+
+
+def rendered(name: str, **extra: str) -> dict[str, Any]:
+    return engine.process(engine.load_template(name), {**REQUIRED_PARAMS[name], **extra})
+
+
+def all_objects() -> list[tuple[str, dict[str, Any]]]:
+    return [(name, obj) for name in REQUIRED_PARAMS for obj in rendered(name)["items"]]
+
+
+def object_id(case: tuple[str, dict[str, Any]]) -> str:
+    name, obj = case
+    return f"{name}:{obj['kind']}/{obj['metadata']['name']}"
+
+
+def pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"{name}:{obj['metadata']['name']}", obj["spec"]["template"]["spec"])
+        for name, obj in all_objects()
+        if obj["kind"] in {"StatefulSet", "Deployment", "DaemonSet", "Job"}
+    ]
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def one(document: dict[str, Any], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        o for o in engine.find_objects(document, kind) if name in (None, o["metadata"]["name"])
+    ]
+    assert len(found) == 1, (kind, name, found)
+    return found[0]
+
+
+def rabbitmq_conf(document: dict[str, Any]) -> dict[str, str]:
+    text = one(document, "ConfigMap")["data"]["rabbitmq.conf"]
+    settings: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-z0-9_.]+) = (\S.*)", line)
+        assert match, f"not a sysctl-style rabbitmq.conf line: {line!r}"
+        assert match.group(1) not in settings, f"duplicate key {match.group(1)}"
+        settings[match.group(1)] = match.group(2)
+    return settings
+
+
+# --- the Templates ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_PARAMS))
+def test_template_schema(name: str) -> None:
+    jsonschema.validate(engine.load_template(name), TEMPLATE_SCHEMA)
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_PARAMS))
+def test_references_and_parameters_agree(name: str) -> None:
+    """Every ${X} names a declared parameter (a typo would silently survive oc process)."""
+    tpl = engine.load_template(name)
+    declared = {p["name"] for p in tpl["parameters"]}
+    text = Path(engine.bundled_templates()[name]).read_text()
+    body = text.split("\nparameters:", 1)[0] + text.split("\nobjects:", 1)[1]
+    used = set(_REFERENCE.findall(body))
+    assert used <= declared, used - declared
+    assert declared <= used, f"declared but unused: {declared - used}"
+
+
+def test_bundled_templates_listed() -> None:
+    assert set(engine.bundled_templates()) == set(REQUIRED_PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_PARAMS))
+def test_top_level_manifests_are_relative_symlinks(name: str) -> None:
+    link = REPO / "manifests" / f"{name}.yaml"
+    assert link.is_symlink()
+    assert os.readlink(link) == f"../packit_broker/manifests/{name}.yaml"
+    assert link.resolve() == Path(engine.bundled_templates()[name]).resolve()
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_PARAMS))
+def test_render_without_required_names_them(name: str) -> None:
+    with pytest.raises(engine.RenderError) as info:
+        engine.process(engine.load_template(name), {})
+    for param in REQUIRED_PARAMS[name]:
+        assert param in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_PARAMS))
+def test_nothing_left_unsubstituted(name: str) -> None:
+    assert "${" not in repr(rendered(name))
+
+
+# --- Kubernetes validation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", all_objects(), ids=object_id)
+def test_kubernetes_objects_validate_strictly(case: tuple[str, dict[str, Any]]) -> None:
+    _, obj = case
+    if obj["kind"] == "Route":
+        jsonschema.validate(obj, ROUTE_SCHEMA)
+    else:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_strict_validation_really_rejects_unknown_fields() -> None:
+    """Guard the guard: strict mode must catch a misspelt field."""
+    statefulset = one(rendered("rabbitmq"), "StatefulSet")
+    statefulset["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(statefulset, K8S_VERSION, strict=True)
+
+
+# --- Routes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rabbitmq", "postgresql-route"])
+def test_route_is_passthrough_without_path_or_certificates(name: str) -> None:
+    route = one(rendered(name, ALLOWED_CIDRS="10.0.0.0/8 192.0.2.7"), "Route")
+    spec = route["spec"]
+    assert spec["tls"]["termination"] == "passthrough"
+    assert "path" not in spec
+    for field in ("certificate", "key", "caCertificate", "destinationCACertificate"):
+        assert field not in spec["tls"]
+    assert spec["host"] == REQUIRED_PARAMS[name]["ROUTE_HOST"]
+    annotations = route["metadata"]["annotations"]
+    assert annotations["haproxy.router.openshift.io/timeout-tunnel"] == "1h"
+    assert annotations["haproxy.router.openshift.io/ip_allowlist"] == "10.0.0.0/8 192.0.2.7"
+
+
+def test_rabbitmq_route_reaches_the_amqps_container_port() -> None:
+    document = rendered("rabbitmq")
+    route = one(document, "Route")
+    service = one(document, "Service", route["spec"]["to"]["name"])
+    (port,) = [
+        p for p in service["spec"]["ports"] if p["name"] == route["spec"]["port"]["targetPort"]
+    ]
+    assert port["name"] == "amqps"
+    assert port["port"] == 5671
+    pod = one(document, "StatefulSet")["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container_ports = {
+        p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]
+    }
+    target = port["targetPort"]
+    assert (container_ports[target] if isinstance(target, str) else target) == 5671
+    assert container_ports["amqps"] == 5671
+
+
+def test_postgresql_route_targets_named_service_port() -> None:
+    route = one(rendered("postgresql-route", SERVICE_NAME="db", SERVICE_PORT_NAME="pg"), "Route")
+    assert route["spec"]["to"] == {"kind": "Service", "name": "db", "weight": 100}
+    assert route["spec"]["port"] == {"targetPort": "pg"}
+
+
+def test_postgresql_route_message_explains_server_and_client_needs() -> None:
+    message = engine.load_template("postgresql-route")["message"]
+    for needle in ("PostgreSQL 17", "ssl=on", "libpq 17", "sslnegotiation=direct", "verify-full"):
+        assert needle in message
+
+
+# --- Pods ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("where", "pod"), pod_specs(), ids=[w for w, _ in pod_specs()])
+def test_pods_fit_the_restricted_scc(where: str, pod: dict[str, Any]) -> None:
+    pod_context = pod.get("securityContext", {})
+    assert pod_context.get("runAsNonRoot") is True
+    for forbidden in ("runAsUser", "runAsGroup", "fsGroup"):
+        assert forbidden not in pod_context, f"{where}: OpenShift assigns {forbidden}"
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    for container in containers(pod):
+        context = container["securityContext"]
+        assert "runAsUser" not in context
+        assert context["runAsNonRoot"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context.get("privileged", False) is False
+        seccomp = context.get("seccompProfile") or pod_context.get("seccompProfile")
+        assert seccomp == {"type": "RuntimeDefault"}
+
+
+@pytest.mark.parametrize(("where", "pod"), pod_specs(), ids=[w for w, _ in pod_specs()])
+def test_containers_have_requests_and_limits(where: str, pod: dict[str, Any]) -> None:
+    for container in containers(pod):
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= resources["requests"].keys(), where
+        assert "memory" in resources["limits"], where
+
+
+def test_volume_mounts_have_volumes() -> None:
+    for _, obj in all_objects():
+        if obj["kind"] != "StatefulSet":
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        claims = {c["metadata"]["name"] for c in obj["spec"].get("volumeClaimTemplates", [])}
+        volumes = {v["name"] for v in pod.get("volumes", [])} | claims
+        for container in containers(pod):
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, (obj["metadata"]["name"], mount)
+
+
+def test_replicas_become_integers() -> None:
+    assert one(rendered("rabbitmq", REPLICAS="3"), "StatefulSet")["spec"]["replicas"] == 3
+    assert one(rendered("worker", REPLICAS="5"), "StatefulSet")["spec"]["replicas"] == 5
+    assert one(rendered("rabbitmq"), "StatefulSet")["spec"]["replicas"] == 1
+
+
+def test_template_labels_on_every_object() -> None:
+    for _, obj in all_objects():
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "packit-broker"
+
+
+# --- RabbitMQ -----------------------------------------------------------------------------
+
+
+def test_rabbitmq_conf_is_tls_only_and_has_the_required_settings() -> None:
+    settings = rabbitmq_conf(rendered("rabbitmq"))
+    expected = {
+        "listeners.tcp": "none",
+        "listeners.ssl.default": "5671",
+        "ssl_options.cacertfile": "/etc/rabbitmq-tls/ca.crt",
+        "ssl_options.certfile": "/etc/rabbitmq-tls/tls.crt",
+        "ssl_options.keyfile": "/etc/rabbitmq-tls/tls.key",
+        "ssl_options.versions.1": "tlsv1.3",
+        "ssl_options.versions.2": "tlsv1.2",
+        "ssl_options.verify": "verify_peer",
+        "ssl_options.fail_if_no_peer_cert": "false",
+        "loopback_users.guest": "true",
+        "consumer_timeout": "7200000",
+        "vm_memory_high_watermark.absolute": "800MB",
+        "disk_free_limit.absolute": "2GB",
+        "cluster_partition_handling": "pause_minority",
+        "cluster_formation.peer_discovery_backend": "rabbit_peer_discovery_k8s",
+        "cluster_formation.k8s.host": "kubernetes.default.svc",
+        "cluster_formation.k8s.address_type": "hostname",
+        "cluster_formation.k8s.service_name": "rabbitmq-nodes",
+        "queue_master_locator": "min-masters",
+    }
+    assert expected.items() <= settings.items()
+
+
+def test_rabbitmq_config_carries_no_credentials() -> None:
+    document = rendered("rabbitmq", PASSWORD="s3cr3t-value", USERNAME="someone")
+    config = one(document, "ConfigMap")
+    text = repr(config["data"])
+    assert "s3cr3t-value" not in text and "someone" not in text
+    assert not any(k.startswith(("default_user", "default_pass")) for k in rabbitmq_conf(document))
+    assert config["data"]["enabled_plugins"].strip() == (
+        "[rabbitmq_peer_discovery_k8s,rabbitmq_prometheus]."
+    )
+
+
+def test_rabbitmq_credentials_from_secret() -> None:
+    document = rendered("rabbitmq", NAME="mq", USERNAME="packit", PASSWORD="pw")
+    secret = one(document, "Secret", "mq-credentials")
+    assert secret["stringData"] == {"username": "packit", "password": "pw"}
+    env = {
+        e["name"]: e
+        for e in one(document, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["RABBITMQ_DEFAULT_USER"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mq-credentials",
+        "key": "username",
+    }
+    assert env["RABBITMQ_DEFAULT_PASS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mq-credentials",
+        "key": "password",
+    }
+    assert "RABBITMQ_ERLANG_COOKIE" not in env
+
+
+def test_rabbitmq_generated_secrets_match_their_pattern() -> None:
+    document = rendered("rabbitmq")
+    password = one(document, "Secret", "rabbitmq-credentials")["stringData"]["password"]
+    cookie = one(document, "Secret", "rabbitmq-erlang-cookie")["stringData"]["cookie"]
+    assert re.fullmatch("[a-zA-Z0-9]{32}", password)
+    assert re.fullmatch("[a-zA-Z0-9]{32}", cookie)
+    assert password != cookie
+
+
+def test_rabbitmq_node_names_and_peer_discovery_agree() -> None:
+    document = rendered("rabbitmq", NAME="mq")
+    headless = one(document, "Service", "mq-nodes")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert {p["port"] for p in headless["spec"]["ports"]} == {4369, 25672}
+    statefulset = one(document, "StatefulSet")
+    assert statefulset["spec"]["serviceName"] == "mq-nodes"
+    assert rabbitmq_conf(document)["cluster_formation.k8s.service_name"] == "mq-nodes"
+    pod = statefulset["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["RABBITMQ_NODENAME"] == "rabbit@$(POD_NAME).mq-nodes.$(POD_NAMESPACE)"
+    assert env["RABBITMQ_USE_LONGNAME"] == "true"
+    binding = one(document, "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"]}]
+    role = one(document, "Role", binding["roleRef"]["name"])
+    assert {"resources": ["endpoints"], "verbs": ["get"], "apiGroups": [""]} in role["rules"]
+
+
+def test_rabbitmq_probes_like_the_cluster_operator() -> None:
+    container = one(rendered("rabbitmq"), "StatefulSet")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "amqps"}
+    assert "livenessProbe" not in container
+
+
+def test_rabbitmq_mounts_tls_secret_and_config() -> None:
+    document = rendered("rabbitmq", TLS_SECRET="my-cert")
+    pod = one(document, "StatefulSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes["tls"]["secret"]["secretName"] == "my-cert"
+    assert mounts["tls"] == "/etc/rabbitmq-tls"
+    assert volumes["config"]["configMap"]["name"] == one(document, "ConfigMap")["metadata"]["name"]
+    assert mounts["config"] == "/etc/rabbitmq"
+    claim = one(document, "StatefulSet")["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+
+
+def _rules_for(policy: dict[str, Any], port: int) -> list[dict[str, Any]]:
+    return [r for r in policy["spec"]["ingress"] if any(p["port"] == port for p in r["ports"])]
+
+
+def test_network_policy() -> None:
+    document = rendered("rabbitmq")
+    policy = one(document, "NetworkPolicy")
+    pod_labels = one(document, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    router = {
+        "namespaceSelector": {"matchLabels": {"policy-group.network.openshift.io/ingress": ""}}
+    }
+    same_namespace: dict[str, Any] = {"podSelector": {}}
+    amqps_sources = [peer for rule in _rules_for(policy, 5671) for peer in rule["from"]]
+    assert router in amqps_sources and same_namespace in amqps_sources
+    for port in (4369, 25672):
+        peers = [peer for rule in _rules_for(policy, port) for peer in rule["from"]]
+        assert peers == [
+            {"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}
+        ]
+    assert [peer for rule in _rules_for(policy, 15692) for peer in rule["from"]] == [same_namespace]
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert allowed == {5671, 4369, 25672, 15692}
+
+
+def test_pdb_selects_the_rabbitmq_pods() -> None:
+    document = rendered("rabbitmq")
+    pdb = one(document, "PodDisruptionBudget")
+    pod_labels = one(document, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+# --- Workers ------------------------------------------------------------------------------
+
+
+def test_worker_env_comes_from_the_secret() -> None:
+    document = rendered("worker", NAME="w", QUEUE_TYPE="quorum")
+    secret = one(document, "Secret", "w-broker")
+    assert secret["stringData"]["ca.crt"] == CA_PEM
+    assert secret["stringData"]["PACKIT_BROKER_URL"] == REQUIRED_PARAMS["worker"]["BROKER_URL"]
+    pod = one(document, "StatefulSet")["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    for name in ("PACKIT_BROKER_URL", "PACKIT_RESULT_BACKEND_URL", "PACKIT_DATABASE_URL"):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "w-broker" and ref["key"] in secret["stringData"]
+    mount = pod["containers"][0]["volumeMounts"][0]["mountPath"]
+    for name in (
+        "PACKIT_BROKER_CA_FILE",
+        "PACKIT_RESULT_BACKEND_CA_FILE",
+        "PACKIT_DATABASE_CA_FILE",
+    ):
+        assert env[name]["value"] == f"{mount}/ca.crt" == "/etc/packit-broker/ca.crt"
+    assert env["PACKIT_BROKER_QUEUES"]["value"] == "short-running"
+    assert env["PACKIT_BROKER_QUEUE_TYPE"]["value"] == "quorum"
+
+
+def test_worker_command_and_liveness_are_parameters() -> None:
+    document = rendered("worker", COMMAND="celery -A app worker", LIVENESS_COMMAND="true")
+    container = one(document, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["sh", "-c", "exec celery -A app worker"]
+    assert container["livenessProbe"]["exec"]["command"] == ["sh", "-c", "true"]
+    default = one(rendered("worker"), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert "--prefetch-multiplier=1" in default["command"][2]
