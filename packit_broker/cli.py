@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from packit_broker import __version__
+from packit_broker.commands.demo import demo
 from packit_broker.commands.migrate import migrate
+from packit_broker.commands.render import render
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,13 +17,15 @@ def cli() -> None:
 
 
 cli.add_command(migrate)
+cli.add_command(render)
+cli.add_command(demo)
 
 try:
-    from packit_broker.commands.render import render
-except ImportError:  # pragma: no cover - while the render command is being written
+    from packit_broker.commands.check import check
+except ImportError:  # pragma: no cover - while the check command is being written
     pass
 else:
-    cli.add_command(render)
+    cli.add_command(check)
 
 
 def main() -> None:

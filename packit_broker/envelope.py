@@ -68,7 +68,7 @@ def amqp_priority(redis_priority: int, max_priority: int | None) -> int | None:
 
 def _load_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return json.loads(raw.decode("utf-8"))  # kombu writes UTF-8; no UTF-16/32 sniffing
     except UnicodeDecodeError:
         raise MalformedMessage("not UTF-8 text") from None
     except json.JSONDecodeError as exc:

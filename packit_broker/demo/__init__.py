@@ -1,0 +1,1 @@
+"""`packit-broker demo`: the whole cut-over on the local stand-in of production."""
