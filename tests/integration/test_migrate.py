@@ -232,3 +232,36 @@ def test_live_consumer_is_refused(
     assert refused.returncode == 3
     assert "celery-worker-standin" in refused.stderr and "brpop" in refused.stderr
     assert redis.Redis.from_url(redis_url).llen(queue_names[0]) == 1
+
+
+def test_quorum_queues_declared_as_workers_declare_them(
+    stack: Stack, client_env: dict[str, str], queue_names: tuple[str, str, str], redis_url: str,
+    tmp_path: Path,
+) -> None:
+    env = {**client_env, "PACKIT_BROKER_QUEUE_TYPE": "quorum"}
+    app = backlog.producer(redis_url, queue_names)
+    ids = {backlog.send(app, q, f"{q}:quorum") for q in queue_names}
+    done = run_migrate(env, "--from", redis_url)
+    assert done.returncode == 0, done.stderr
+    log = tmp_path / "ran.tsv"
+    # The worker redeclares the same quorum queues: a mismatch would be PRECONDITION_FAILED.
+    with celery_worker({**env, "TASKAPP_LOG": str(log)}, list(queue_names), tmp_path / "w.log"):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.3)
+    assert {line.split("\t")[1] for line in log.read_text().splitlines()} == ids
+    assert "PRECONDITION_FAILED" not in (tmp_path / "w.log").read_text()
+
+
+def test_usage_errors_exit_2_without_passwords(client_env: dict[str, str], redis_url: str) -> None:
+    bad = run_migrate({**client_env, "PACKIT_BROKER_CONNECT_TO": "nowhere"}, "--from", redis_url)
+    assert bad.returncode == 2
+    assert "PACKIT_BROKER_CONNECT_TO" in bad.stderr
+    wrong_redis = redis_url.replace(redis_url.split("@")[0], "redis://:wrong-password")
+    failed = run_migrate(client_env, "--from", wrong_redis)
+    assert failed.returncode == 1
+    assert "[redis]" in failed.stderr and "wrong-password" not in failed.stderr
+    no_url = run_migrate({**client_env, "PACKIT_BROKER_URL": ""}, "--from", redis_url)
+    assert no_url.returncode == 2 and "PACKIT_BROKER_URL" in no_url.stderr
