@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import socket
-import ssl
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ from packit_broker.stack.processes import (
     service_user,
     wait_until,
 )
+from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, amqps_login, node_env
 
-RABBITMQ_SBIN = ("/usr/lib/rabbitmq/bin",)
 DOMAIN = "apps.packit.test"
 LIMITED_QUEUE_PREFIX = "limited."
 
@@ -200,19 +199,9 @@ class Stack:
             for path in (definitions, conf):
                 path.chmod(0o600)
             epmd_port = free_port()
-            env = {
-                "HOME": str(folder),
-                "ERL_EPMD_PORT": str(epmd_port),
-                "RABBITMQ_NODENAME": f"packit{self.amqps_port}@localhost",
-                "RABBITMQ_CONFIG_FILE": str(conf),
-                "RABBITMQ_ADVANCED_CONFIG_FILE": str(folder / "advanced.config"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
-                "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
-                "RABBITMQ_LOG_BASE": str(folder / "log"),
-                "RABBITMQ_PID_FILE": str(folder / "rabbit.pid"),
-                "RABBITMQ_DIST_PORT": str(free_port()),
-                "RABBITMQ_CONF_ENV_FILE": str(folder / "rabbitmq-env.conf"),
-            }
+            env = node_env(
+                folder, f"packit{self.amqps_port}@localhost", conf, epmd_port, free_port()
+            )
             self.processes["epmd"] = Process(
                 "epmd", [epmd, "-port", str(epmd_port)], folder / "epmd.log", env=env
             )
@@ -225,25 +214,13 @@ class Stack:
         wait_until(self._rabbit_ready, proc, 90, "rabbitmq-server")
 
     def _rabbit_ready(self) -> bool:
-        import amqp
-
-        connection = amqp.Connection(
-            f"127.0.0.1:{self.amqps_port}",
-            userid=self.broker_account.username,
+        return amqps_login(
+            self.amqps_port,
+            username=self.broker_account.username,
             password=self.broker_account.password,
-            ssl={
-                "ca_certs": str(self.pki.ca_file),
-                "server_hostname": self.rabbit_host,
-                "cert_reqs": ssl.CERT_REQUIRED,
-            },
-            connect_timeout=2,
+            ca_file=self.pki.ca_file,
+            server_hostname=self.rabbit_host,
         )
-        try:
-            connection.connect()
-        except Exception:
-            return False
-        connection.close()
-        return True
 
     # -- PostgreSQL 17 ---------------------------------------------------------------------
 

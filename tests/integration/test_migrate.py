@@ -235,7 +235,10 @@ def test_live_consumer_is_refused(
 
 
 def test_quorum_queues_declared_as_workers_declare_them(
-    stack: Stack, client_env: dict[str, str], queue_names: tuple[str, str, str], redis_url: str,
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
     tmp_path: Path,
 ) -> None:
     env = {**client_env, "PACKIT_BROKER_QUEUE_TYPE": "quorum"}

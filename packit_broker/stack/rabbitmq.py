@@ -1,0 +1,59 @@
+"""How a local RabbitMQ node is started and probed; shared by the stack and the template tests."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+#: Debian's real scripts; /usr/sbin/rabbitmq-server would `su` to the rabbitmq user.
+RABBITMQ_SBIN = ("/usr/lib/rabbitmq/bin",)
+
+
+def node_env(
+    folder: Path, nodename: str, conf: Path, epmd_port: int, dist_port: int
+) -> dict[str, str]:
+    """Environment that keeps every file, port and the cookie of one node under `folder`."""
+    return {
+        "HOME": str(folder),
+        "ERL_EPMD_PORT": str(epmd_port),
+        "RABBITMQ_NODENAME": nodename,
+        "RABBITMQ_CONFIG_FILE": str(conf),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(folder / "advanced.config"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(folder / "log"),
+        "RABBITMQ_PID_FILE": str(folder / "rabbit.pid"),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_CONF_ENV_FILE": str(folder / "rabbitmq-env.conf"),
+    }
+
+
+def amqps_login(
+    port: int,
+    *,
+    username: str,
+    password: str,
+    ca_file: Path,
+    server_hostname: str,
+    timeout: float = 2.0,
+) -> bool:
+    """Whether an AMQP 0-9-1 login over TLS (with SNI) to 127.0.0.1:`port` succeeds."""
+    import amqp
+
+    connection = amqp.Connection(
+        f"127.0.0.1:{port}",
+        userid=username,
+        password=password,
+        ssl={
+            "ca_certs": str(ca_file),
+            "server_hostname": server_hostname,
+            "cert_reqs": ssl.CERT_REQUIRED,
+        },
+        connect_timeout=timeout,
+    )
+    try:
+        connection.connect()
+    except Exception:
+        return False
+    connection.close()
+    return True

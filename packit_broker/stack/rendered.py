@@ -1,0 +1,313 @@
+"""RabbitMQ nodes and a router stand-in run from the *rendered* `rabbitmq` template.
+
+`Stack` writes its own rabbitmq.conf. This module instead takes what `packit-broker render
+rabbitmq` (or `oc process`) produces: the ConfigMap's `rabbitmq.conf` and `enabled_plugins`, the
+credentials the StatefulSet's container gets from the Secret, the Erlang cookie and the Route.
+Only what cannot hold outside Kubernetes is rewritten (`local_rabbitmq_conf`): file paths of
+the TLS material, the listener address, the peer discovery backend (k8s -> classic_config) and
+the Prometheus port. Everything else (TLS-only, `loopback_users`, `consumer_timeout`,
+`cluster_partition_handling`, ...) is exercised exactly as rendered.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packit_broker.config import HostPort
+from packit_broker.render import find_objects
+from packit_broker.router import RouterConfig, haproxy_config, route_from_manifest
+from packit_broker.stack.certs import Pki
+from packit_broker.stack.processes import Process, StackError, free_port, require, wait_until
+from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, amqps_login, node_env
+
+K8S_BACKEND = "rabbit_peer_discovery_k8s"
+CLASSIC_BACKEND = "classic_config"
+
+
+@dataclass(frozen=True)
+class RenderedBroker:
+    """What a RabbitMQ Pod of the rendered template would be given."""
+
+    rabbitmq_conf: str
+    enabled_plugins: str
+    env: Mapping[str, str] = field(repr=False)  # the container's env from secretKeyRef
+    erlang_cookie: str | None = field(repr=False)
+    route: Mapping[str, Any]
+
+
+def _one(rendered: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    found = find_objects(rendered, kind)
+    if len(found) != 1:
+        raise StackError(f"the rendered template has {len(found)} {kind} objects, expected 1")
+    return found[0]
+
+
+def secret_value(rendered: Mapping[str, Any], name: str, key: str) -> str:
+    """A key of a rendered Secret, from `stringData` or (base64) `data`, as a Pod sees it."""
+    for secret in find_objects(rendered, "Secret"):
+        if secret.get("metadata", {}).get("name") != name:
+            continue
+        string_data = secret.get("stringData") or {}
+        if key in string_data:
+            return str(string_data[key])
+        data = secret.get("data") or {}
+        if key in data:
+            return base64.b64decode(str(data[key])).decode()
+        raise StackError(f"Secret {name} has no key {key!r}")
+    raise StackError(f"the rendered template has no Secret {name!r}")
+
+
+def rendered_broker(rendered: Mapping[str, Any]) -> RenderedBroker:
+    """Pick the parts of a rendered `rabbitmq` template that a local node needs."""
+    statefulset = _one(rendered, "StatefulSet")
+    pod = statefulset["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "rabbitmq")
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            env[str(item["name"])] = secret_value(rendered, str(ref["name"]), str(ref["key"]))
+    config_volume = next(v for v in pod["volumes"] if "configMap" in v)
+    config_name = config_volume["configMap"]["name"]
+    config_map = next(
+        c for c in find_objects(rendered, "ConfigMap") if c["metadata"]["name"] == config_name
+    )
+    cookie_volume = next(
+        (v for v in pod["volumes"] if "cookie" in str(v.get("secret", {}).get("secretName"))),
+        None,
+    )
+    cookie = (
+        secret_value(rendered, str(cookie_volume["secret"]["secretName"]), "cookie")
+        if cookie_volume
+        else None
+    )
+    return RenderedBroker(
+        rabbitmq_conf=str(config_map["data"]["rabbitmq.conf"]),
+        enabled_plugins=str(config_map["data"]["enabled_plugins"]),
+        env=env,
+        erlang_cookie=cookie,
+        route=_one(rendered, "Route"),
+    )
+
+
+def _replace_key(lines: list[str], key: str, value: str, *, add: bool = False) -> None:
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    hits = [i for i, line in enumerate(lines) if pattern.match(line)]
+    if not hits and not add:
+        raise StackError(f"the rendered rabbitmq.conf has no {key!r} line to rewrite")
+    for i in hits:
+        lines[i] = f"{key} = {value}"
+    if not hits:
+        lines.append(f"{key} = {value}")
+
+
+def local_rabbitmq_conf(
+    conf: str,
+    *,
+    pki: Pki,
+    amqps_port: int,
+    prometheus_port: int,
+    classic_nodes: Sequence[str] = (),
+) -> str:
+    """The rendered rabbitmq.conf with only the cluster-specific lines rewritten.
+
+    TLS file paths point at `pki`, the TLS listener at 127.0.0.1:`amqps_port`, the k8s peer
+    discovery backend becomes `classic_config` (with `classic_nodes` as its static list, if
+    any; the `cluster_formation.k8s.*` keys stay) and the Prometheus listener (default 15692)
+    moves to 127.0.0.1:`prometheus_port` so nodes do not clash.
+    """
+    lines = conf.splitlines()
+    _replace_key(lines, "ssl_options.cacertfile", str(pki.ca_file))
+    _replace_key(lines, "ssl_options.certfile", str(pki.server.cert_file))
+    _replace_key(lines, "ssl_options.keyfile", str(pki.server.key_file))
+    _replace_key(lines, "listeners.ssl.default", f"127.0.0.1:{amqps_port}")
+    _replace_key(lines, "cluster_formation.peer_discovery_backend", CLASSIC_BACKEND)
+    for number, node in enumerate(classic_nodes, start=1):
+        _replace_key(lines, f"cluster_formation.classic_config.nodes.{number}", node, add=True)
+    _replace_key(lines, "prometheus.tcp.port", str(prometheus_port), add=True)
+    _replace_key(lines, "prometheus.tcp.ip", "127.0.0.1", add=True)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class RenderedNode:
+    name: str  # Erlang node name, e.g. rendered12345-0@localhost
+    folder: Path
+    amqps_port: int
+    prometheus_port: int
+    env: dict[str, str]
+    process: Process
+
+
+class RenderedCluster:
+    """1..N RabbitMQ nodes from one rendered template, sharing one epmd, under `root`.
+
+    With more than one node, `classic_config` lists all of them (the stand-in for k8s peer
+    discovery) and they start together, as the StatefulSet's `podManagementPolicy: Parallel`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        broker: RenderedBroker,
+        pki: Pki,
+        *,
+        server_hostname: str,
+        replicas: int = 1,
+    ) -> None:
+        self.root = root
+        self.broker = broker
+        self.pki = pki
+        self.server_hostname = server_hostname
+        self.server = require("rabbitmq-server", "rabbitmq-server", where=RABBITMQ_SBIN)
+        self.ctl = require("rabbitmqctl", "rabbitmq-server", where=RABBITMQ_SBIN)
+        epmd = require("epmd", "erlang-base")
+        root.mkdir(parents=True, exist_ok=True)
+        self.epmd_port = free_port()
+        self.epmd = Process(
+            "epmd",
+            [epmd, "-port", str(self.epmd_port)],
+            root / "epmd.log",
+            env={"ERL_EPMD_PORT": str(self.epmd_port)},
+        )
+        tag = free_port()
+        names = [f"rendered{tag}-{i}@localhost" for i in range(replicas)]
+        self.nodes = [self._node(name, names if replicas > 1 else ()) for name in names]
+
+    @property
+    def username(self) -> str:
+        return self.broker.env["RABBITMQ_DEFAULT_USER"]
+
+    @property
+    def password(self) -> str:
+        return self.broker.env["RABBITMQ_DEFAULT_PASS"]
+
+    def _node(self, name: str, peers: Sequence[str]) -> RenderedNode:
+        folder = self.root / name.split("@")[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        amqps_port, prometheus_port = free_port(), free_port()
+        conf = folder / "rabbitmq.conf"
+        conf.write_text(
+            local_rabbitmq_conf(
+                self.broker.rabbitmq_conf,
+                pki=self.pki,
+                amqps_port=amqps_port,
+                prometheus_port=prometheus_port,
+                classic_nodes=peers,
+            )
+        )
+        conf.chmod(0o600)
+        (folder / "enabled_plugins").write_text(self.broker.enabled_plugins)
+        if self.broker.erlang_cookie is not None:
+            cookie = folder / ".erlang.cookie"  # what the init container copies into $HOME
+            cookie.write_text(self.broker.erlang_cookie)
+            cookie.chmod(0o600)
+        env = {**self.broker.env, **node_env(folder, name, conf, self.epmd_port, free_port())}
+        process = Process(name, [self.server], folder / "rabbitmq.log", env=env, cwd=folder)
+        return RenderedNode(name, folder, amqps_port, prometheus_port, env, process)
+
+    def ready(self, node: RenderedNode) -> bool:
+        return amqps_login(
+            node.amqps_port,
+            username=self.username,
+            password=self.password,
+            ca_file=self.pki.ca_file,
+            server_hostname=self.server_hostname,
+        )
+
+    def _epmd_listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.epmd_port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 120) -> None:
+        """Start epmd, then every node together; wait until each accepts the Secret's user."""
+        self.epmd.start()
+        # A node that finds no epmd would start its own, outside our process group.
+        wait_until(self._epmd_listening, self.epmd, 20, "epmd")
+        for node in self.nodes:
+            node.process.start()
+        for node in self.nodes:
+            self.wait_ready(node, timeout)
+
+    def wait_ready(self, node: RenderedNode, timeout: float = 120) -> None:
+        wait_until(lambda: self.ready(node), node.process, timeout, f"rabbitmq {node.name}")
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.process.stop()
+        self.epmd.stop()
+
+    def ctl_run(self, node: RenderedNode, *args: str, timeout: float = 60) -> str:
+        """`rabbitmqctl -n NODE ARGS...` with the node's environment (cookie, epmd); stdout."""
+        result = subprocess.run(
+            [self.ctl, "-n", node.name, *args],
+            env={**os.environ, **node.env},
+            capture_output=True,
+            text=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise StackError(
+                f"rabbitmqctl {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}"
+            )
+        return result.stdout
+
+
+def start_route_router(
+    folder: Path,
+    route: Mapping[str, Any],
+    backend: HostPort,
+    pki: Pki,
+    port: int | None = None,
+) -> tuple[Process, int]:
+    """An HAProxy router stand-in for one rendered Route on 127.0.0.1:`port` (free if None)."""
+    binary = require("haproxy", "haproxy")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port() if port is None else port
+    config = RouterConfig(
+        bind=HostPort("127.0.0.1", port),
+        default_cert_pem=pki.router_default_pem,
+        sni_socket=folder / "fe_sni.sock",
+        routes=(route_from_manifest(route, backend),),
+    )
+    cfg = folder / "haproxy.cfg"
+    cfg.write_text(haproxy_config(config))
+    check = subprocess.run(
+        [binary, "-c", "-f", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if check.returncode != 0:
+        raise StackError(f"haproxy rejected {cfg}:\n{check.stdout}{check.stderr}")
+    process = Process("router", [binary, "-db", "-f", str(cfg)], folder / "haproxy.log")
+    process.start()
+
+    def listening() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_until(listening, process, 20, "haproxy (rendered Route)")
+    except BaseException:
+        process.stop()
+        raise
+    return process, port
