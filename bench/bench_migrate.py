@@ -21,7 +21,6 @@ import time
 import amqp
 import redis
 
-from packit_broker import celery_config
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process, free_port, require, wait_until
 from tests.integration import backlog
@@ -44,33 +43,18 @@ def fill(stack: Stack, db: int, queue: str, count: int) -> None:
 
 
 def purge(stack: Stack, queue: str) -> None:
-    config = celery_config(stack.broker_env())
-    conn = amqp.Connection(
-        f"127.0.0.1:{stack.router_port}",
-        userid=stack.broker_account.username,
-        password=stack.broker_account.password,
-        ssl=config["broker_use_ssl"],
-    )
-    conn.connect()
-    try:
-        channel = conn.channel()
-        with contextlib.suppress(amqp.exceptions.NotFound):
-            channel.queue_delete(queue)
-    finally:
-        conn.close()
+    with stack.amqp_connection() as conn, contextlib.suppress(amqp.exceptions.NotFound):
+        conn.channel().queue_delete(queue)
 
 
 def reference_mover(stack: Stack, db: int, queue: str) -> None:
     """Batched reads + a window of unconfirmed publisher confirms on one connection."""
     client = redis.Redis.from_url(stack.redis_url(db))
-    config = celery_config(stack.broker_env())
-    conn = amqp.Connection(
-        f"127.0.0.1:{stack.router_port}",
-        userid=stack.broker_account.username,
-        password=stack.broker_account.password,
-        ssl=config["broker_use_ssl"],
-    )
-    conn.connect()
+    with stack.amqp_connection() as conn:
+        _reference_loop(client, conn, queue)
+
+
+def _reference_loop(client: redis.Redis[bytes], conn: amqp.Connection, queue: str) -> None:
     channel = conn.channel()
     channel.queue_declare(queue, durable=True, auto_delete=False)
     channel.confirm_select()
@@ -104,7 +88,6 @@ def reference_mover(stack: Stack, db: int, queue: str) -> None:
         while pending:
             conn.drain_events(timeout=10)
         client.ltrim(queue, 0, -(len(batch) + 1))
-    conn.close()
 
 
 def run_ours(stack: Stack, db: int) -> tuple[float, float, int]:

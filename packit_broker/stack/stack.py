@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -11,9 +12,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from packit_broker.config import HostPort
 from packit_broker.router import PassthroughRoute, RouterConfig, haproxy_config
@@ -390,6 +393,29 @@ class Stack:
             prefix + "CA_FILE": str(self.pki.ca_file),
             prefix + "CONNECT_TO": f"127.0.0.1:{self.router_port}",
         }
+
+    @contextlib.contextmanager
+    def amqp_connection(self) -> Iterator[Any]:
+        """A py-amqp connection through the router, with the workers' TLS settings."""
+        import amqp
+
+        from packit_broker.config import broker_from_env
+        from packit_broker.tls import amqp_ssl_options
+
+        broker = broker_from_env(self.broker_env())
+        assert broker.tls is not None
+        connection = amqp.Connection(
+            str(broker.dial),
+            userid=broker.username,
+            password=broker.password,
+            ssl=amqp_ssl_options(broker.tls),
+            connect_timeout=10,
+        )
+        connection.connect()
+        try:
+            yield connection
+        finally:
+            connection.close()
 
     def client_env(self) -> dict[str, str]:
         return {**self.broker_env(), **self.database_env(), **self.database_env("PACKIT_DATABASE_")}

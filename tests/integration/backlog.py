@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 import uuid
 from collections.abc import Sequence
 
 import redis
 from celery import Celery
+
+from packit_broker.demo.backlog import backdate_unacked, kill_consumer_holding
+
+__all__ = [
+    "MALFORMED",
+    "backdate_unacked",
+    "clone_many",
+    "kill_consumer_holding",
+    "producer",
+    "send",
+]
 
 MALFORMED: dict[str, bytes] = {
     "not JSON": b"\x80\x81 definitely not json",
@@ -86,24 +94,3 @@ def clone_many(
         ids.append(task_id)
     pipe.execute()
     return ids
-
-
-def kill_consumer_holding(redis_url: str, queue: str, count: int) -> None:
-    """A kombu consumer takes `count` messages without acking and is SIGKILLed: what a
-    killed worker leaves in `unacked`."""
-    script = textwrap.dedent(f"""
-        import os, signal
-        from kombu import Connection
-        with Connection({redis_url!r}) as conn:
-            q = conn.SimpleQueue({queue!r})
-            for _ in range({count}):
-                q.get(timeout=10)
-            os.kill(os.getpid(), signal.SIGKILL)
-    """)
-    subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
-
-
-def backdate_unacked(client: redis.Redis, seconds: float) -> None:
-    """Pretend the worker died `seconds` ago (otherwise the migrator sees fresh unacked)."""
-    for tag, score in client.zrange("unacked_index", 0, -1, withscores=True):
-        client.zadd("unacked_index", {tag: score - seconds})

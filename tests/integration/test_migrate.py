@@ -13,7 +13,6 @@ import amqp
 import pytest
 import redis
 
-from packit_broker import celery_config
 from packit_broker.stack import Stack
 from tests.integration import backlog
 from tests.integration.workers import celery_worker
@@ -34,41 +33,23 @@ def run_migrate(
     )
 
 
-def drain(stack: Stack, env: dict[str, str], queue: str) -> list[amqp.Message]:
+def drain(stack: Stack, queue: str) -> list[amqp.Message]:
     """Every message now in `queue` (acked: the queue is emptied)."""
-    config = celery_config(env)
-    conn = amqp.Connection(
-        f"127.0.0.1:{stack.router_port}",
-        userid=stack.broker_account.username,
-        password=stack.broker_account.password,
-        ssl=config["broker_use_ssl"],
-    )
-    conn.connect()
     messages = []
-    try:
+    with stack.amqp_connection() as conn:
         channel = conn.channel()
         while (message := channel.basic_get(queue, no_ack=True)) is not None:
             messages.append(message)
-    finally:
-        conn.close()
     return messages
 
 
-def queue_depth(stack: Stack, env: dict[str, str], queue: str) -> int:
-    config = celery_config(env)
-    conn = amqp.Connection(
-        f"127.0.0.1:{stack.router_port}",
-        userid=stack.broker_account.username,
-        password=stack.broker_account.password,
-        ssl=config["broker_use_ssl"],
-    )
-    conn.connect()
-    try:
-        return int(conn.channel().queue_declare(queue, passive=True).message_count)
-    except amqp.exceptions.NotFound:
-        return -1
-    finally:
-        conn.close()
+def queue_depth(stack: Stack, queue: str) -> int:
+    """Messages in `queue`, or -1 if it does not exist."""
+    with stack.amqp_connection() as conn:
+        try:
+            return int(conn.channel().queue_declare(queue, passive=True).message_count)
+        except amqp.exceptions.NotFound:
+            return -1
 
 
 def test_full_cutover_executes_every_task_once_in_priority_order(
@@ -119,7 +100,7 @@ def test_full_cutover_executes_every_task_once_in_priority_order(
     assert by_name[short]["unacked"] == 2
     assert by_name[short]["declare"]["arguments"] == {"x-max-priority": 10}
     assert {key: client.dump(key) for key in client.keys("*")} == before
-    assert queue_depth(stack, env, short) == -1  # not even declared
+    assert queue_depth(stack, short) == -1  # not even declared
 
     # The killed worker's entries are fresh: looks like a live worker -> refused.
     refused = run_migrate(env, "--from", redis_url)
@@ -193,7 +174,7 @@ def test_discovers_queues_and_keeps_message_fields(
     assert done.returncode == 0, done.stderr
     last = json.loads(done.stdout.splitlines()[-1])
     assert last["migrated"][extra] == 1
-    (message,) = drain(stack, client_env, extra)
+    (message,) = drain(stack, extra)
     import base64
 
     body = message.body  # py-amqp decodes text bodies by their content_encoding

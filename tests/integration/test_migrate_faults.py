@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def finish_and_verify(
     for queue in queues:
         assert client.llen(queue) == 0
     delivered = collections.Counter(
-        m.properties["application_headers"]["id"] for q in queues for m in drain(stack, env, q)
+        m.properties["application_headers"]["id"] for q in queues for m in drain(stack, q)
     )
     assert set(delivered) == expected, "lost or invented messages"
     duplicates = {task_id for task_id, n in delivered.items() if n > 1}
@@ -120,42 +121,39 @@ def test_sigkill_at_random_points(
     finish_and_verify(stack, client_env, redis_url, queue_names, expected, kills, tmp_path)
 
 
-def test_rabbitmq_stopped_mid_run(
+def _stop_rabbitmq(stack: Stack) -> None:
+    stack.processes["rabbitmq"].stop()
+
+
+def _kill_router(stack: Stack) -> None:
+    stack.processes["router"].kill()
+
+
+def _restart(stack: Stack) -> None:
+    stack.start_rabbitmq()
+    stack.start_router()
+
+
+@pytest.mark.parametrize(
+    "fault", [_stop_rabbitmq, _kill_router], ids=["rabbitmq-down", "router-down"]
+)
+def test_broker_or_router_down_mid_run(
     stack: Stack,
     client_env: dict[str, str],
     queue_names: tuple[str, str, str],
     redis_url: str,
     tmp_path: Path,
+    fault: Callable[[Stack], None],
 ) -> None:
     expected = fill(redis_url, queue_names, 4000)
     proc = start_migrate(client_env, redis_url)
     try:
         wait_for_progress(proc, 1000)
-        stack.processes["rabbitmq"].stop()
+        fault(stack)
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 1, stderr
         assert "nothing was lost" in stderr
         assert stack.broker_account.password not in stderr
     finally:
-        stack.start_rabbitmq()
-    finish_and_verify(stack, client_env, redis_url, queue_names, expected, 1, tmp_path)
-
-
-def test_router_killed_mid_run(
-    stack: Stack,
-    client_env: dict[str, str],
-    queue_names: tuple[str, str, str],
-    redis_url: str,
-    tmp_path: Path,
-) -> None:
-    expected = fill(redis_url, queue_names, 4000)
-    proc = start_migrate(client_env, redis_url)
-    try:
-        wait_for_progress(proc, 1000)
-        stack.processes["router"].kill()
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == 1, stderr
-        assert "nothing was lost" in stderr
-    finally:
-        stack.start_router()
+        _restart(stack)
     finish_and_verify(stack, client_env, redis_url, queue_names, expected, 1, tmp_path)
