@@ -6,9 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server rabbitmq-server haproxy openssl procps)
+APT_PACKAGES=(redis-server rabbitmq-server haproxy openssl procps make)
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
+# Debian's own python3 needs python3-venv for `-m venv`; other Pythons (pyenv) bring it.
+if ! command -v "$PYTHON" >/dev/null || ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+  APT_PACKAGES+=(python3 python3-venv)
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -27,12 +31,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     created_policy=1
   fi
   export DEBIAN_FRONTEND=noninteractive
+  trap '[ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d; true' EXIT
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
-  # Packages may have started system-wide daemons anyway (no policy-rc.d honoured); stop them.
-  pkill -x redis-server 2>/dev/null || true
-  pkill -x haproxy 2>/dev/null || true
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -41,7 +42,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
-  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v -i warning || true
   "$VENV/bin/pip" install -q -e '.[test]'
   touch "$stamp"
 fi
