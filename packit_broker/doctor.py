@@ -16,6 +16,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -373,6 +374,69 @@ def _plaintext_banner(address: tuple[str, int], timeout: float) -> str | None:
     return f"something answered in plaintext ({data[:16]!r})"
 
 
+#: PostgreSQL's classic negotiation: a plaintext SSLRequest, answered by one byte, S or N.
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+
+
+def _classic_postgres_answer(address: tuple[str, int], timeout: float) -> bytes | None:
+    """b"S"/b"N" if a PostgreSQL answers the classic SSLRequest there, else None.
+
+    A server older than 17 closes the connection on a direct TLS ClientHello without a word
+    (it reads the record header as an absurd startup packet length) but still answers this.
+    Through a router nothing answers it: plaintext without SNI is never routed to a backend.
+    """
+    try:
+        with socket.create_connection(address, timeout=timeout) as sock:
+            sock.settimeout(min(timeout, 2.0))
+            sock.sendall(_SSL_REQUEST)
+            data = sock.recv(1)
+    except OSError:
+        return None
+    return data if data in (b"S", b"N") else None
+
+
+_UPGRADE_POSTGRES = (
+    "upgrade the server to PostgreSQL 17+ with ssl = on (and clients to libpq 17+): only direct"
+    " TLS (sslnegotiation=direct) crosses a passthrough Route; older servers start TLS only"
+    " after a plaintext SSLRequest, which a router cannot route"
+)
+
+
+def _postgres_without_direct_tls(
+    report: _Report, text: str, address: tuple[str, int], host: str, via_route: bool, timeout: float
+) -> bool:
+    """A PostgreSQL endpoint closed the connection at once on the ClientHello: say why."""
+    answer = _classic_postgres_answer(address, timeout)
+    if answer == b"S":
+        report.fail(
+            "postgresql",
+            f"{text}: the server closed the connection on the direct TLS ClientHello but answers"
+            " PostgreSQL's classic SSLRequest with 'S': it is PostgreSQL older than 17, which"
+            " does not speak direct TLS",
+            _UPGRADE_POSTGRES,
+        )
+    elif answer == b"N":
+        report.fail(
+            "postgresql",
+            f"{text}: the server closed the connection on the direct TLS ClientHello and answers"
+            " PostgreSQL's classic SSLRequest with 'N': it does not speak direct TLS (ssl = off,"
+            " or PostgreSQL older than 17)",
+            _UPGRADE_POSTGRES,
+        )
+    elif via_route:
+        report.fail(
+            "postgresql",
+            f"{text}: the connection was closed at once on the direct TLS ClientHello (SNI"
+            f" {host}): PostgreSQL behind the Route does not speak direct TLS (older than 17, or"
+            " ssl = off), or no pod is behind the Route",
+            _UPGRADE_POSTGRES + "; if it is 17+ with ssl = on, check the PostgreSQL pods and"
+            " `oc get endpoints SERVICE`",
+        )
+    else:
+        return False
+    return True
+
+
 def _via_route(port: int, connect_to: HostPort | None) -> bool:
     return port == 443 or connect_to is not None
 
@@ -398,8 +462,10 @@ def _handshake_failure(
 ) -> None:
     text = str(exc) or type(exc).__name__
     banner = _plaintext_banner(address, timeout) if isinstance(exc, TimeoutError) else None
+    waited = False
     if isinstance(exc, TimeoutError) and banner is None and sni_sent and via_route and retry:
         # Silence is also what a router retrying a dead backend looks like: wait it out once.
+        waited = True
         try:
             retry(max(3 * timeout, 10.0))
         except (OSError, ssl.SSLError) as again:
@@ -434,8 +500,16 @@ def _handshake_failure(
             f" is an IP address): {text}",
             _sni_fix(kind),
         )
+    elif (
+        kind == "postgresql"
+        and _is_eof(exc)
+        and not waited
+        and _postgres_without_direct_tls(report, text, address, host, via_route, timeout)
+    ):
+        pass  # closed at once (no silence first): reported as a server without direct TLS
     elif _is_eof(exc):
-        where = "the broker behind the Route is down (or not listening on the Service's targetPort)"
+        server = "PostgreSQL server" if kind == "postgresql" else "broker"
+        where = f"the {server} behind the Route is down (or not listening on the targetPort)"
         report.fail(
             "router",
             f"connection closed during the TLS handshake ({text}): "

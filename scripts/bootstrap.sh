@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server rabbitmq-server haproxy openssl procps make)
+APT_PACKAGES=(redis-server rabbitmq-server haproxy openssl procps make postgresql-15)
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 # Debian's own python3 needs python3-venv for `-m venv`; other Pythons (pyenv) bring it.
