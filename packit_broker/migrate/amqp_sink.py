@@ -84,6 +84,11 @@ class AmqpSink:
 
     def publish(self, messages: Sequence[AmqpMessage]) -> None:
         """Publish all, then wait until every one is confirmed; raise PublishFailed otherwise."""
+        self.send(messages)
+        self.wait()
+
+    def send(self, messages: Sequence[AmqpMessage]) -> None:
+        """Publish without waiting; `wait()` must follow before the next `send()`."""
         self._problems.clear()
         for message in messages:
             self.channel.basic_publish(
@@ -94,6 +99,9 @@ class AmqpSink:
             )
             self._last_tag += 1
             self._pending.add(self._last_tag)
+
+    def wait(self) -> None:
+        """Block until everything sent is confirmed; PublishFailed on nack/return/timeout."""
         self._wait_for_confirms()
         self.connection.heartbeat_tick()
 

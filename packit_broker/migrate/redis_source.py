@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,13 +251,13 @@ class RedisSource:
         now = time.time()
         return int(self.client.zcount(self.keys.unacked_index, now - within_seconds, "+inf"))
 
-    def batches(self, queue: str, step: int, size: int) -> Iterator[list[bytes]]:
-        """Successive oldest-first batches; the caller removes each before the next is read."""
-        while True:
-            batch = self.oldest(queue, step, size)
-            if not batch:
-                return
-            yield batch
+    def following(self, queue: str, step: int, skip: int, count: int) -> list[bytes]:
+        """The `count` entries after the `skip` oldest ones, oldest first (a read-ahead)."""
+        tail: list[bytes] = self.client.lrange(
+            self.keys.queue(queue, step), -(skip + count), -(skip + 1)
+        )
+        tail.reverse()
+        return tail
 
 
 def _looks_like_envelope(raw: bytes) -> bool:

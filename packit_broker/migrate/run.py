@@ -119,6 +119,16 @@ class Report:
         }
 
 
+@dataclass
+class _Decoded:
+    """One batch as read from Redis and what became of each entry."""
+
+    entries: Sequence[bytes]
+    messages: list[AmqpMessage] = field(default_factory=list)
+    quarantine: list[int] = field(default_factory=list)  # indexes into `entries`
+    reasons: list[str] = field(default_factory=list)
+
+
 class Refused(RuntimeError):
     """Redis is still being consumed; migrating now could lose or double tasks."""
 
@@ -218,20 +228,34 @@ class Migration:
             max_size=self.options.max_message_size,
         )
 
+    def _decode_batch(self, batch: Sequence[bytes], spec: QueueSpec) -> _Decoded:
+        decoded = _Decoded(batch)
+        for index, raw in enumerate(batch):
+            try:
+                decoded.messages.append(self._decode(raw, spec))
+            except MalformedMessage as exc:
+                decoded.quarantine.append(index)
+                decoded.reasons.append(exc.reason)
+        return decoded
+
     def _move_list(self, sink: AmqpSink, spec: QueueSpec, step: int) -> None:
+        """Batch after batch; the next one is read and decoded while RabbitMQ confirms."""
         key = self.source.keys.queue(spec.name, step)
-        for batch in self.source.batches(spec.name, step, self.options.batch_size):
-            messages: list[AmqpMessage] = []
-            quarantine: list[int] = []
-            for index, raw in enumerate(batch):
-                try:
-                    messages.append(self._decode(raw, spec))
-                except MalformedMessage as exc:
-                    quarantine.append(index)
-                    self.report.quarantine.append(QuarantinedEntry(key, exc.reason))
-            self._publish(sink, key, messages)
-            self.source.remove_confirmed(spec.name, step, batch, quarantine)
-            self._count(spec.name, len(messages))
+        size = self.options.batch_size
+        current = self._decode_batch(self.source.oldest(spec.name, step, size), spec)
+        while current.entries:
+            self.source.mark_inflight(key, [m.task_id for m in current.messages if m.task_id])
+            sink.send(current.messages)
+            upcoming = self.source.following(spec.name, step, len(current.entries), size)
+            following = self._decode_batch(upcoming, spec)
+            sink.wait()
+            # The Lua script re-checks that `current` is still the tail before removing it.
+            self.source.remove_confirmed(spec.name, step, current.entries, current.quarantine)
+            self.report.quarantine.extend(QuarantinedEntry(key, r) for r in current.reasons)
+            self._count(spec.name, len(current.messages))
+            current = following
+            if not current.entries:  # late arrivals at the producing end
+                current = self._decode_batch(self.source.oldest(spec.name, step, size), spec)
 
     def _move_unacked(self, sink: AmqpSink, selected: dict[str, QueueSpec]) -> None:
         bindings = self.source.bound_queues()

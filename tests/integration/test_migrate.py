@@ -249,3 +249,26 @@ def test_usage_errors_exit_2_without_passwords(client_env: dict[str, str], redis
     assert "[redis]" in failed.stderr and "wrong-password" not in failed.stderr
     no_url = run_migrate({**client_env, "PACKIT_BROKER_URL": ""}, "--from", redis_url)
     assert no_url.returncode == 2 and "PACKIT_BROKER_URL" in no_url.stderr
+
+
+@pytest.mark.parametrize("count", [1, 99, 100, 101, 250])
+def test_batch_boundaries_keep_order(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    count: int,
+) -> None:
+    """Batches of 100 with a read-ahead: every size around the boundary arrives once, in order."""
+    queue = queue_names[0]
+    client = redis.Redis.from_url(redis_url)
+    app = backlog.producer(redis_url, queue_names)
+    first = backlog.send(app, queue, "0")
+    template = client.lindex(queue, 0)
+    assert template is not None
+    later = backlog.clone_many(client, queue, template, [str(i) for i in range(1, count)])
+    done = run_migrate(client_env, "--from", redis_url, "--batch-size", "100")
+    assert done.returncode == 0, done.stderr
+    ids = [m.properties["application_headers"]["id"] for m in drain(stack, queue)]
+    assert ids == [first, *later]
+    assert client.llen(queue) == 0
