@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from packit_broker.stack import Stack, StackError
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _unavailable(message: str) -> None:
-    """Under CI a missing service is a failure that says what to install; locally a skip."""
-    if IN_CI:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+from tests.unavailable import unavailable
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +16,7 @@ def stack() -> Iterator[Stack]:
     try:
         running = Stack().start()
     except StackError as exc:
-        _unavailable(str(exc))
-        raise
+        unavailable(str(exc))
     try:
         yield running
     finally:

@@ -95,6 +95,7 @@ class Stack:
 
     def start(self) -> Stack:
         try:
+            self.check_installed()
             self.start_redis()
             self.start_rabbitmq()
             self.start_postgres()
@@ -103,6 +104,27 @@ class Stack:
             self.stop()
             raise
         return self
+
+    @staticmethod
+    def check_installed() -> None:
+        """Fail fast, naming every missing package, before starting anything."""
+        problems = []
+        for binary, package, where in (
+            ("redis-server", "redis-server", ()),
+            ("rabbitmq-server", "rabbitmq-server", RABBITMQ_SBIN),
+            ("epmd", "erlang-base", ()),
+            ("haproxy", "haproxy", ()),
+        ):
+            try:
+                require(binary, package, where=where)
+            except StackError as exc:
+                problems.append(str(exc))
+        try:
+            _postgres_bindir()
+        except StackError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise StackError("\n".join(problems))
 
     def stop(self, *, remove: bool = True) -> None:
         for process in reversed(list(self.processes.values())):
