@@ -1,0 +1,281 @@
+"""The AMQP layers: login, vhost, heartbeat, queues and permissions, a round trip."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from contextlib import suppress
+from typing import Any
+
+from packit_broker.config import BrokerEndpoint, TLSSettings
+from packit_broker.doctor.results import CheckResult, _Report
+from packit_broker.doctor.tls_probe import (
+    DEFAULT_TIMEOUT,
+    TlsFacts,
+    _is_eof,
+    _resolve,
+    _tcp,
+    _tls_socket,
+    probe_tls,
+)
+from packit_broker.queues import QueueSettings
+from packit_broker.router import DEFAULT_TUNNEL_TIMEOUT
+from packit_broker.tls import amqp_ssl_options, ssl_context
+
+TUNNEL_TIMEOUT_SECONDS = 3600  # the router's default `timeout tunnel` (1h)
+
+
+def _http_status(facts: TlsFacts, tls: TLSSettings) -> str | None:
+    """The status line of an HTTP server behind the same TLS endpoint (router default page)."""
+    try:
+        context = ssl_context(tls)
+        with _tls_socket(facts.address, tls.server_hostname, context, DEFAULT_TIMEOUT) as sock:
+            request = f"GET / HTTP/1.1\r\nHost: {tls.server_hostname}\r\nConnection: close\r\n\r\n"
+            sock.sendall(request.encode())
+            data = sock.recv(256)
+    except (OSError, ssl.SSLError):
+        return None
+    if not data.startswith(b"HTTP/"):
+        return None
+    return data.split(b"\r\n", 1)[0].decode(errors="replace")
+
+
+def _amqp_connection_failure(
+    report: _Report, exc: BaseException, endpoint: BrokerEndpoint, facts: TlsFacts | None
+) -> None:
+    text = str(exc) or type(exc).__name__
+    name = type(exc).__name__
+    if name == "AccessRefused":
+        report.fail(
+            "amqp-login",
+            f"login refused for user {endpoint.username!r}: {text}",
+            "wrong user name or password in PACKIT_BROKER_URL (percent-encode special"
+            " characters); check the user exists (`rabbitmqctl list_users`)",
+        )
+    elif name in ("NotAllowed", "ConnectionForced") and "vhost" in text.lower():
+        report.fail(
+            "vhost",
+            f"vhost {endpoint.vhost!r}: {text}",
+            "the vhost is missing or the user has no access to it: create it"
+            f" (`rabbitmqctl add_vhost {endpoint.vhost}`) and grant permissions"
+            f" (`rabbitmqctl set_permissions -p {endpoint.vhost} {endpoint.username} ...`), or"
+            " correct the URL path (`/` is written as an empty path)",
+        )
+    elif isinstance(exc, TimeoutError):
+        report.fail(
+            "amqp",
+            f"no AMQP answer: {text}",
+            "the port answers TLS but not AMQP: check that the Route/Service targets the"
+            " broker's AMQPS port (5671)",
+        )
+    elif _is_eof(exc) or name in (
+        "UnexpectedFrame",
+        "FrameSyntaxError",
+        "RecoverableConnectionError",
+    ):
+        http = _http_status(facts, endpoint.tls) if facts and endpoint.tls else None
+        if facts is not None and facts.router_default_suspect and facts.cert is not None:
+            answered = f"; an HTTP server answers there: {http!r}" if http else ""
+            report.fail(
+                "router",
+                f"{text} after a TLS handshake with a wildcard certificate ({facts.cert.names},"
+                f" issued by {facts.cert.issuer}): no Route for this host: the router answered"
+                f" with its default certificate{answered}",
+                f"create a passthrough Route whose spec.host is exactly {endpoint.host!r}"
+                " (`oc get route`), or correct the host in the URL",
+            )
+        else:
+            report.fail(
+                "router",
+                f"{text} right after a valid TLS handshake: the broker behind the Route is down"
+                " (or not listening on the Service's targetPort)",
+                "check the broker pods and `oc get endpoints SERVICE`; the Route's"
+                " spec.port.targetPort must name the AMQPS port",
+            )
+    else:
+        report.fail("amqp", f"{name}: {text}", "see the broker's log for this connection")
+
+
+def _check_queues(report: _Report, connection: Any, queues: QueueSettings) -> bool:
+    import amqp
+
+    for spec in queues.specs:
+        existed = True
+        channel = connection.channel()
+        try:
+            _, messages, consumers = channel.queue_declare(spec.name, passive=True)
+        except amqp.exceptions.NotFound:
+            existed = False
+        else:
+            with suppress(Exception):
+                channel.close()
+        channel = connection.channel()
+        try:
+            spec.declare(channel)
+        except amqp.exceptions.AccessRefused as exc:
+            report.fail(
+                "permission",
+                f"no permission on queue {spec.name!r}: {exc.reply_text}",
+                f"grant the user configure, write and read on {spec.name!r} and its exchange"
+                " (`rabbitmqctl set_permissions -p VHOST USER CONF WRITE READ`)",
+            )
+            return False
+        except amqp.exceptions.PreconditionFailed as exc:
+            report.fail(
+                "queue",
+                f"queue {spec.name!r} exists with other arguments: {exc.reply_text}",
+                "declare it exactly as the workers do (PACKIT_BROKER_QUEUE_TYPE/_MAX_PRIORITY),"
+                " or drain and delete the old queue",
+            )
+            return False
+        with suppress(Exception):
+            channel.close()
+        if existed:
+            report.ok(
+                "permission", f"queue {spec.name!r}: {messages} messages, {consumers} consumers"
+            )
+        else:
+            report.ok("permission", f"queue {spec.name!r} declared (it did not exist yet)")
+    return True
+
+
+def _round_trip(report: _Report, connection: Any, timeout: float) -> None:
+    import amqp
+
+    channel = connection.channel()
+    try:
+        queue, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
+    except amqp.exceptions.AccessRefused as exc:
+        report.warn(
+            "round-trip",
+            f"skipped: cannot create a temporary server-named queue ({exc.reply_text})",
+            "grant configure on ^amq\\.gen-.* to test publishing, or ignore",
+        )
+        return
+    received: list[float] = []
+    start = time.monotonic()
+    try:
+        channel.basic_publish_confirm(
+            amqp.Message(b"packit-broker check", content_type="text/plain"),
+            exchange="",
+            routing_key=queue,
+        )
+        confirmed = time.monotonic()
+        channel.basic_consume(
+            queue, callback=lambda message: received.append(time.monotonic()), no_ack=True
+        )
+        deadline = start + timeout
+        while not received and time.monotonic() < deadline:
+            with suppress(TimeoutError):
+                connection.drain_events(timeout=max(0.05, deadline - time.monotonic()))
+    except (amqp.exceptions.AMQPError, OSError) as exc:
+        report.fail(
+            "round-trip",
+            f"{type(exc).__name__}: {exc}",
+            "publishing or consuming failed: see the broker's log (memory/disk alarms block"
+            " publishers)",
+        )
+        return
+    if not received:
+        report.fail(
+            "round-trip",
+            f"published (confirmed) but nothing came back within {timeout:g} s",
+            "see the broker's log",
+        )
+        return
+    report.ok(
+        "round-trip",
+        f"publish confirmed in {(confirmed - start) * 1000:.1f} ms, consumed after"
+        f" {(received[0] - start) * 1000:.1f} ms (temporary queue)",
+    )
+    with suppress(Exception):
+        channel.close()
+
+
+def _heartbeat(report: _Report, connection: Any) -> None:
+    heartbeat = int(connection.heartbeat or 0)
+    if heartbeat == 0:
+        report.warn(
+            "heartbeat",
+            "heartbeat 0 (off): an idle connection is cut by the router after its tunnel"
+            f" timeout ({DEFAULT_TUNNEL_TIMEOUT}) without anyone noticing",
+            "set PACKIT_BROKER_HEARTBEAT=60 (and broker_heartbeat in Celery) or the"
+            " haproxy.router.openshift.io/timeout-tunnel annotation above the idle time",
+        )
+    elif heartbeat * 2 >= TUNNEL_TIMEOUT_SECONDS:
+        report.warn(
+            "heartbeat",
+            f"heartbeat {heartbeat} s is not well below the tunnel timeout"
+            f" ({DEFAULT_TUNNEL_TIMEOUT})",
+            "use a heartbeat of about 60 s",
+        )
+    else:
+        report.ok(
+            "heartbeat",
+            f"negotiated {heartbeat} s, well below the router's tunnel timeout"
+            f" ({DEFAULT_TUNNEL_TIMEOUT})",
+        )
+
+
+def check_broker(
+    endpoint: BrokerEndpoint, queues: QueueSettings, *, timeout: float = DEFAULT_TIMEOUT
+) -> list[CheckResult]:
+    """All layers of the AMQP broker, stopping at the first that fails."""
+    import amqp
+
+    report = _Report("broker", endpoint.display_url, (endpoint.password,))
+    facts: TlsFacts | None = None
+    if endpoint.tls is None:
+        report.info("tls", "plaintext amqp:// (loopback or explicitly allowed)")
+        address = _resolve(report, endpoint.dial, timeout)
+        if address is None or not _tcp(report, address, timeout):
+            return report.results
+    else:
+        facts = probe_tls(
+            report,
+            endpoint.dial,
+            endpoint.tls,
+            port_in_url=endpoint.port,
+            connect_to=endpoint.connect_to,
+            timeout=timeout,
+            kind="amqps",
+        )
+        if facts is None:
+            return report.results
+    connection = amqp.Connection(
+        str(endpoint.dial),
+        userid=endpoint.username,
+        password=endpoint.password,
+        virtual_host=endpoint.vhost,
+        ssl=amqp_ssl_options(endpoint.tls) if endpoint.tls else False,
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        write_timeout=timeout,
+        heartbeat=endpoint.heartbeat,
+    )
+    try:
+        try:
+            connection.connect()
+        except (amqp.exceptions.AMQPError, OSError, EOFError) as exc:
+            _amqp_connection_failure(report, exc, endpoint, facts)
+            return report.results
+        product = connection.server_properties.get("product", b"")
+        version = connection.server_properties.get("version", b"")
+        if isinstance(product, bytes):
+            product = product.decode(errors="replace")
+        if isinstance(version, bytes):
+            version = version.decode(errors="replace")
+        report.ok("amqp-login", f"logged in as {endpoint.username!r} ({product} {version})")
+        report.ok("vhost", f"vhost {endpoint.vhost!r} open")
+        _heartbeat(report, connection)
+        try:
+            if not _check_queues(report, connection, queues):
+                return report.results
+        except (amqp.exceptions.AMQPError, OSError) as exc:
+            report.fail("permission", f"{type(exc).__name__}: {exc}", "see the broker's log")
+            return report.results
+        _round_trip(report, connection, timeout)
+    finally:
+        with suppress(Exception):
+            connection.close()
+    return report.results

@@ -1,0 +1,81 @@
+"""The report: one `CheckResult` per layer, gathered (secrets scrubbed) by `_Report`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from packit_broker.config import ConfigError
+
+Status = Literal["ok", "warn", "FAIL", "info"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of the report: which endpoint, which layer, how it went, and what to do."""
+
+    name: str  # broker | database | result-backend
+    endpoint: str  # display URL, never with a password
+    layer: str
+    status: Status
+    seen: str
+    fix: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "FAIL"
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "endpoint": self.endpoint,
+            "layer": self.layer,
+            "status": self.status,
+            "seen": self.seen,
+            "fix": self.fix,
+        }
+
+
+@dataclass
+class _Report:
+    name: str
+    endpoint: str
+    secrets: tuple[str, ...] = ()
+    results: list[CheckResult] = field(default_factory=list)
+
+    def _scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            if len(secret) >= 8:
+                text = text.replace(secret, "***")
+            elif secret:  # short ones only as a whole word, not inside "expires"
+                text = re.sub(rf"(?<![\w]){re.escape(secret)}(?![\w])", "***", text)
+        return text
+
+    def add(self, layer: str, status: Status, seen: str, fix: str = "") -> None:
+        self.results.append(
+            CheckResult(
+                self.name, self.endpoint, layer, status, self._scrub(seen), self._scrub(fix)
+            )
+        )
+
+    def ok(self, layer: str, seen: str) -> None:
+        self.add(layer, "ok", seen)
+
+    def warn(self, layer: str, seen: str, fix: str) -> None:
+        self.add(layer, "warn", seen, fix)
+
+    def info(self, layer: str, seen: str) -> None:
+        self.add(layer, "info", seen)
+
+    def fail(self, layer: str, seen: str, fix: str) -> None:
+        self.add(layer, "FAIL", seen, fix)
+
+
+def config_failure(name: str, exc: ConfigError) -> CheckResult:
+    return CheckResult(name, exc.variable, "config", "FAIL", exc.problem, f"fix {exc.variable}")
+
+
+def healthy(results: Sequence[CheckResult]) -> bool:
+    return not any(result.failed for result in results)
