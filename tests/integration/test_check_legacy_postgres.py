@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,11 @@ from click.testing import CliRunner
 
 from packit_broker.commands.check import check
 from packit_broker.config import HostPort
-from packit_broker.router import PassthroughRoute, RouterConfig, haproxy_config
+from packit_broker.router import PassthroughRoute
 from packit_broker.stack import Stack, StackError
 from packit_broker.stack.legacy_postgres import LegacyPostgres, legacy_binary
-from packit_broker.stack.processes import Process, free_port, require, wait_until
+from packit_broker.stack.processes import free_port
+from packit_broker.stack.router_process import start_router
 from tests.unavailable import unavailable
 
 pytestmark = pytest.mark.integration
@@ -48,30 +48,11 @@ def pg15_router(stack: Stack, pg15: LegacyPostgres) -> Iterator[int]:
     """A router stand-in whose passthrough Route for the PostgreSQL host leads to PostgreSQL 15."""
     folder = Path(tempfile.mkdtemp(prefix="chk-pg15-"))  # short: unix socket path limit
     port = free_port()
-    config = RouterConfig(
-        bind=HostPort("127.0.0.1", port),
-        default_cert_pem=stack.pki.router_default_pem,
-        sni_socket=folder / "sni.sock",
-        routes=(
-            PassthroughRoute("postgres15", stack.postgres_host, HostPort("127.0.0.1", pg15.port)),
-        ),
+    routes = (
+        PassthroughRoute("postgres15", stack.postgres_host, HostPort("127.0.0.1", pg15.port)),
     )
-    cfg = folder / "haproxy.cfg"
-    cfg.write_text(haproxy_config(config))
-    process = Process(
-        "pg15-router", [require("haproxy", "haproxy"), "-db", "-f", str(cfg)], folder / "log"
-    )
-    process.start()
+    process = start_router(folder, port, stack.pki.router_default_pem, routes)
     try:
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            except OSError:
-                return False
-            return True
-
-        wait_until(listening, process, 20, "haproxy (PostgreSQL 15 Route)")
         yield port
     finally:
         process.stop()

@@ -1,0 +1,59 @@
+"""Run the router stand-in (HAProxy) for a set of passthrough Routes; used by every test rig."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+from packit_broker.config import HostPort
+from packit_broker.router import PassthroughRoute, RouterConfig, haproxy_config
+from packit_broker.stack.processes import Process, StackError, require, wait_until
+
+
+def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def router_process(
+    folder: Path, port: int, default_cert_pem: Path, routes: tuple[PassthroughRoute, ...]
+) -> Process:
+    """Write and validate haproxy.cfg under `folder`; the (not yet started) HAProxy process."""
+    binary = require("haproxy", "haproxy")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = RouterConfig(
+        bind=HostPort("127.0.0.1", port),
+        default_cert_pem=default_cert_pem,
+        sni_socket=folder / "fe_sni.sock",
+        routes=routes,
+    )
+    cfg = folder / "haproxy.cfg"
+    cfg.write_text(haproxy_config(config))
+    check = subprocess.run(
+        [binary, "-c", "-f", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if check.returncode != 0:
+        raise StackError(f"haproxy rejected {cfg}:\n{check.stdout}{check.stderr}")
+    return Process("router", [binary, "-db", "-f", str(cfg)], folder / "haproxy.log")
+
+
+def start_router(
+    folder: Path, port: int, default_cert_pem: Path, routes: tuple[PassthroughRoute, ...]
+) -> Process:
+    """A running router stand-in on 127.0.0.1:`port`; stopped again if it does not come up."""
+    process = router_process(folder, port, default_cert_pem, routes)
+    process.start()
+    try:
+        wait_until(lambda: tcp_open(port), process, 20, f"haproxy (router on {port})")
+    except BaseException:
+        process.stop()
+        raise
+    return process
