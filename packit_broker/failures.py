@@ -61,8 +61,16 @@ def classify_connect_error(exc: BaseException, endpoint: str, host: str) -> Fail
     if isinstance(exc, TimeoutError | socket.timeout):
         return Failure("tcp", endpoint, text, "no answer: a firewall, or the wrong address/port")
     name = type(exc).__name__
-    if name == "AccessRefused":
+    if name == "AccessRefused" and "login was refused" in text.lower():
         return Failure("amqp-login", endpoint, text, "wrong user name or password")
+    if name == "AccessRefused":
+        return Failure(
+            "permission",
+            endpoint,
+            text,
+            "the user lacks configure/write permission on these queues or exchanges: grant it"
+            " (rabbitmqctl set_permissions) or choose the queues with --queue",
+        )
     if name in ("NotAllowed", "ConnectionForced") and "vhost" in text.lower():
         return Failure(
             "permission", endpoint, text, "the vhost does not exist or the user has no access to it"

@@ -272,3 +272,21 @@ def test_batch_boundaries_keep_order(
     ids = [m.properties["application_headers"]["id"] for m in drain(stack, queue)]
     assert ids == [first, *later]
     assert client.llen(queue) == 0
+
+
+def test_broker_errors_name_the_layer(
+    stack: Stack, client_env: dict[str, str], queue_names: tuple[str, str, str], redis_url: str
+) -> None:
+    """Wrong password -> amqp-login; a user without rights on the queues -> permission."""
+    app = backlog.producer(redis_url, queue_names)
+    backlog.send(app, queue_names[0], "stays")
+    wrong = client_env["PACKIT_BROKER_URL"].replace(stack.broker_account.password, "nope-nope")
+    denied = run_migrate({**client_env, "PACKIT_BROKER_URL": wrong}, "--from", redis_url)
+    assert denied.returncode == 1
+    assert "[amqp-login]" in denied.stderr and "nope-nope" not in denied.stderr
+    limited = stack.broker_env(stack.limited_account)
+    no_rights = run_migrate({**client_env, **limited}, "--from", redis_url)
+    assert no_rights.returncode == 1
+    assert "[permission]" in no_rights.stderr and queue_names[0] in no_rights.stderr
+    assert stack.limited_account.password not in no_rights.stderr
+    assert redis.Redis.from_url(redis_url).llen(queue_names[0]) == 1  # nothing moved, nothing lost
