@@ -1,0 +1,57 @@
+"""The Route's ip_allowlist annotation, as the router stand-in applies it, against real clients."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import tempfile
+from pathlib import Path
+
+import kombu
+import pytest
+
+from packit_broker import celery_config
+from packit_broker.config import HostPort
+from packit_broker.router import ALLOWLIST_ANNOTATION, route_from_manifest
+from packit_broker.stack import Stack
+from packit_broker.stack.processes import free_port
+from packit_broker.stack.router_process import start_router
+
+pytestmark = pytest.mark.integration
+
+
+def connect_through(stack: Stack, allowlist: str) -> None:
+    """Connect like a worker through a router whose Route carries `allowlist`."""
+    route = {
+        "metadata": {"name": "rabbitmq", "annotations": {ALLOWLIST_ANNOTATION: allowlist}},
+        "spec": {"host": stack.rabbit_host, "tls": {"termination": "passthrough"}},
+    }
+    passthrough = route_from_manifest(route, HostPort("127.0.0.1", stack.amqps_port))
+    folder = Path(tempfile.mkdtemp(prefix="allow-"))  # short: unix socket path limit
+    port = free_port()
+    process = start_router(folder, port, stack.pki.router_default_pem, (passthrough,))
+    try:
+        config = celery_config(
+            {**stack.broker_env(), "PACKIT_BROKER_CONNECT_TO": f"127.0.0.1:{port}"}
+        )
+        conn = kombu.Connection(
+            config["broker_url"], ssl=config["broker_use_ssl"], connect_timeout=5
+        )
+        try:
+            conn.connect()
+        finally:
+            conn.release()
+    finally:
+        process.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_allowlisted_client_gets_in(stack: Stack) -> None:
+    connect_through(stack, "10.0.0.0/8 127.0.0.0/8")
+
+
+def test_client_outside_the_allowlist_is_cut_off(stack: Stack) -> None:
+    with pytest.raises(Exception) as caught:
+        connect_through(stack, "10.0.0.0/8 192.168.0.0/16")
+    print("RAISED", type(caught.value), caught.value)
+    assert not isinstance(caught.value, AssertionError)
