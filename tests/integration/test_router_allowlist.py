@@ -51,7 +51,6 @@ def test_allowlisted_client_gets_in(stack: Stack) -> None:
 
 
 def test_client_outside_the_allowlist_is_cut_off(stack: Stack) -> None:
-    with pytest.raises(Exception) as caught:
+    """The router drops the connection after the ClientHello: the client sees a TLS EOF."""
+    with pytest.raises(ssl.SSLEOFError):
         connect_through(stack, "10.0.0.0/8 192.168.0.0/16")
-    print("RAISED", type(caught.value), caught.value)
-    assert not isinstance(caught.value, AssertionError)
