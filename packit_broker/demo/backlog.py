@@ -23,7 +23,6 @@ class Backlog:
     task_ids: list[str] = field(default_factory=list)
     countdown_ids: list[str] = field(default_factory=list)
     unacked: int = 0
-    malformed: int = 0
 
 
 def _producer(redis_url: str, queues: Sequence[str]) -> object:
@@ -73,5 +72,4 @@ def make_backlog(redis_url: str, queues: Sequence[str], per_queue: int = 20) -> 
         made.countdown_ids.append(result.id)
     made.task_ids.extend(made.countdown_ids)
     client.lpush(queues[1], MALFORMED)
-    made.malformed = 1
     return made
