@@ -21,6 +21,7 @@ import click
 from packit_broker.demo.backlog import Backlog, make_backlog
 from packit_broker.queues import DEFAULT_QUEUE_NAMES
 from packit_broker.stack import Stack
+from packit_broker.stack.processes import Process
 
 RESULTS_TIMEOUT = 120.0
 
@@ -66,17 +67,12 @@ def _worker(stack: Stack, env: dict[str, str]) -> Iterator[None]:
     argv = [sys.executable, "-m", "celery", "-A", "packit_broker.demo.tasks", "worker", "-P",
             "solo", "-Q", ",".join(DEFAULT_QUEUE_NAMES), "-l", "warning", "--without-gossip",
             "--without-mingle"]  # fmt: skip
-    with (stack.root / "worker.log").open("wb") as log:
-        worker = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            yield
-        finally:
-            worker.terminate()
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(5)
+    worker = Process("celery-worker", argv, stack.root / "worker.log", env=env)
+    worker.start()
+    try:
+        yield
+    finally:
+        worker.stop()
 
 
 def _wait_for_results(task_ids: list[str], env: dict[str, str]) -> int:

@@ -60,6 +60,7 @@ class Plan:
     unacked_total: int
     live_consumers: list[LiveConsumer]
     fresh_unacked: int
+    bindings: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # kombu's, per queue
 
     @property
     def refusal(self) -> str | None:
@@ -175,7 +176,7 @@ def make_plan(source: RedisSource, queues: QueueSettings, options: MigrateOption
                     plans[target].unacked += 1
                     unacked_total += 1
     fresh = source.fresh_unacked(options.fresh_unacked_seconds) if options.include_unacked else 0
-    return Plan(list(plans.values()), unacked_total, source.live_consumers(), fresh)
+    return Plan(list(plans.values()), unacked_total, source.live_consumers(), fresh, bindings)
 
 
 # -- moving -----------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ class Migration:
                 self.report.migrated.setdefault(queue_plan.spec.name, 0)
             selected = {q.spec.name: q.spec for q in plan.queues}
             if self.options.include_unacked:
-                self._move_unacked(sink, selected)
+                self._move_unacked(sink, selected, plan.bindings)
             for queue_plan in plan.queues:
                 for step in PRIORITY_STEPS:
                     self._move_list(sink, queue_plan.spec, step)
@@ -257,8 +258,12 @@ class Migration:
             if not current.entries:  # late arrivals at the producing end
                 current = self._decode_batch(self.source.oldest(spec.name, step, size), spec)
 
-    def _move_unacked(self, sink: AmqpSink, selected: dict[str, QueueSpec]) -> None:
-        bindings = self.source.bound_queues()
+    def _move_unacked(
+        self,
+        sink: AmqpSink,
+        selected: dict[str, QueueSpec],
+        bindings: dict[str, set[tuple[str, str]]],
+    ) -> None:
         entries = self.source.unacked()
         for start in range(0, len(entries), self.options.batch_size):
             self._move_unacked_batch(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from packit_broker.config import HostPort
 from packit_broker.router import PassthroughRoute, RouterConfig, haproxy_config
-from packit_broker.stack.processes import Process, StackError, require, wait_until
+from packit_broker.stack.processes import Process, StackError, free_port, require, wait_until
 
 
 def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -57,3 +61,18 @@ def start_router(
         process.stop()
         raise
     return process
+
+
+@contextlib.contextmanager
+def temporary_router(default_cert_pem: Path, routes: tuple[PassthroughRoute, ...]) -> Iterator[int]:
+    """A router stand-in of its own (port yielded) for a test, removed with its folder after."""
+    folder = Path(tempfile.mkdtemp(prefix="router-"))  # short: unix socket path limit
+    port = free_port()
+    try:
+        process = start_router(folder, port, default_cert_pem, routes)
+        try:
+            yield port
+        finally:
+            process.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import ssl
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from packit_broker.router import PassthroughRoute
 from packit_broker.stack import Stack
 from packit_broker.stack.certs import issue_extra
 from packit_broker.stack.processes import free_port
-from packit_broker.stack.router_process import start_router
+from packit_broker.stack.router_process import temporary_router
 
 pytestmark = pytest.mark.integration
 
@@ -131,15 +129,9 @@ def test_unknown_route_host_trusted_router_certificate(stack: Stack, tmp_path: P
 @pytest.fixture
 def dead_backend_router(stack: Stack) -> Iterator[int]:
     """A second router whose Route for the broker host points at a port nobody listens on."""
-    folder = Path(tempfile.mkdtemp(prefix="chk-router-"))  # short: unix socket path limit
-    port = free_port()
     routes = (PassthroughRoute("dead", stack.rabbit_host, HostPort("127.0.0.1", free_port())),)
-    process = start_router(folder, port, stack.pki.router_default_pem, routes)
-    try:
+    with temporary_router(stack.pki.router_default_pem, routes) as port:
         yield port
-    finally:
-        process.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_broker_down_behind_the_router(stack: Stack, dead_backend_router: int) -> None:

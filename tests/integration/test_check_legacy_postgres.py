@@ -9,8 +9,6 @@ the connection is closed without a word; libpq 17 then says "SSL SYSCALL error: 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +21,7 @@ from packit_broker.config import HostPort
 from packit_broker.router import PassthroughRoute
 from packit_broker.stack import Stack, StackError
 from packit_broker.stack.legacy_postgres import LegacyPostgres, legacy_binary
-from packit_broker.stack.processes import free_port
-from packit_broker.stack.router_process import start_router
+from packit_broker.stack.router_process import temporary_router
 from tests.unavailable import unavailable
 
 pytestmark = pytest.mark.integration
@@ -46,17 +43,11 @@ def pg15(stack: Stack) -> Iterator[LegacyPostgres]:
 @pytest.fixture(scope="module")
 def pg15_router(stack: Stack, pg15: LegacyPostgres) -> Iterator[int]:
     """A router stand-in whose passthrough Route for the PostgreSQL host leads to PostgreSQL 15."""
-    folder = Path(tempfile.mkdtemp(prefix="chk-pg15-"))  # short: unix socket path limit
-    port = free_port()
     routes = (
         PassthroughRoute("postgres15", stack.postgres_host, HostPort("127.0.0.1", pg15.port)),
     )
-    process = start_router(folder, port, stack.pki.router_default_pem, routes)
-    try:
+    with temporary_router(stack.pki.router_default_pem, routes) as port:
         yield port
-    finally:
-        process.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def database_env(stack: Stack, pg15: LegacyPostgres, dial_port: int) -> dict[str, str]:

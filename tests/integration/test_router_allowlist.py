@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import ssl
-import tempfile
-from pathlib import Path
 
 import kombu
 import pytest
@@ -14,8 +11,7 @@ from packit_broker import celery_config
 from packit_broker.config import HostPort
 from packit_broker.router import ALLOWLIST_ANNOTATION, route_from_manifest
 from packit_broker.stack import Stack
-from packit_broker.stack.processes import free_port
-from packit_broker.stack.router_process import start_router
+from packit_broker.stack.router_process import temporary_router
 
 pytestmark = pytest.mark.integration
 
@@ -27,13 +23,9 @@ def connect_through(stack: Stack, allowlist: str) -> None:
         "spec": {"host": stack.rabbit_host, "tls": {"termination": "passthrough"}},
     }
     passthrough = route_from_manifest(route, HostPort("127.0.0.1", stack.amqps_port))
-    folder = Path(tempfile.mkdtemp(prefix="allow-"))  # short: unix socket path limit
-    port = free_port()
-    process = start_router(folder, port, stack.pki.router_default_pem, (passthrough,))
-    try:
-        config = celery_config(
-            {**stack.broker_env(), "PACKIT_BROKER_CONNECT_TO": f"127.0.0.1:{port}"}
-        )
+    with temporary_router(stack.pki.router_default_pem, (passthrough,)) as port:
+        env = {**stack.broker_env(), "PACKIT_BROKER_CONNECT_TO": f"127.0.0.1:{port}"}
+        config = celery_config(env)
         conn = kombu.Connection(
             config["broker_url"], ssl=config["broker_use_ssl"], connect_timeout=5
         )
@@ -41,9 +33,6 @@ def connect_through(stack: Stack, allowlist: str) -> None:
             conn.connect()
         finally:
             conn.release()
-    finally:
-        process.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_allowlisted_client_gets_in(stack: Stack) -> None:
