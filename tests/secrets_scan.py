@@ -41,6 +41,17 @@ def passwords(min_size: int = 3, max_size: int = 24) -> st.SearchStrategy[str]:
     return st.text(alphabet=alphabet, min_size=min_size, max_size=max_size)
 
 
+def login_passwords(min_size: int = 3, max_size: int = 24) -> st.SearchStrategy[str]:
+    """As `passwords`, half of them without / ? # or whitespace: they parse and reach a login."""
+    breakers = set("/?#" + string.whitespace)
+    parseable = st.text(
+        alphabet=st.sampled_from([ch for ch in PRINTABLE if ch not in breakers]),
+        min_size=min_size,
+        max_size=max_size,
+    )
+    return st.one_of(passwords(min_size, max_size), parseable)
+
+
 def surrogate(password: str) -> str:
     return "".join(_SURROGATE.get(ch, ch) for ch in password)
 
