@@ -7,6 +7,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from packit_broker import ConfigError
 from packit_broker.config import broker_from_env, database_from_env, redis_from_url
@@ -149,3 +150,14 @@ def test_a_mangled_url_never_names_its_host_port_or_scheme() -> None:
             broker_from_env({"PACKIT_BROKER_URL": url})
         for fragment in ("Qz7", "z7k", "Wx9"):
             assert fragment not in caught.value.problem, caught.value.problem
+
+
+@settings(max_examples=500, deadline=None)
+@given(url=st.text(alphabet=st.characters(codec="utf-8"), max_size=80))
+def test_redis_parser_only_ever_raises_config_error(url: str) -> None:
+    for candidate in (url, "redis://" + url, "rediss://:" + url, "unix://" + url):
+        try:
+            endpoint = redis_from_url(candidate)
+        except ConfigError:
+            continue
+        assert endpoint.display_url
