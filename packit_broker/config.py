@@ -151,7 +151,7 @@ def parse_int(environ: Mapping[str, str], name: str, default: int, *, minimum: i
 
 
 def parse_port(variable: str, raw: str) -> int:
-    if not raw.isascii() or not raw.isdigit():
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 5:
         raise ConfigError(variable, f"port must be a number from 1 to 65535, got {raw!r}")
     port = int(raw)
     if not 1 <= port <= 65535:
@@ -305,7 +305,8 @@ def _split_host_port(variable: str, hostport: str) -> tuple[str, int | None]:
         raise ConfigError(variable, "invalid characters in the host name of the URL")
     if not port_text:
         return host.lower(), None
-    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if not digits or not 1 <= int(port_text) <= 65535:
         raise ConfigError(variable, "the port in the URL must be a number from 1 to 65535")
     return host.lower(), int(port_text)
 

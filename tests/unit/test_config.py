@@ -213,4 +213,6 @@ def test_password_never_leaks_into_errors(password: str, port: str) -> None:
         assert quote(password, safe="") not in str(exc)
         return
     assert broker.password == password
-    assert password not in repr(broker)
+    # Static text of the repr ("heartbeat") may contain a short password by chance.
+    reference = broker_from_env({"PACKIT_BROKER_URL": f"amqps://user:x@host.example.test:{port}/"})
+    assert password not in repr(broker) or password in repr(reference)

@@ -161,3 +161,9 @@ def test_redis_parser_only_ever_raises_config_error(url: str) -> None:
         except ConfigError:
             continue
         assert endpoint.display_url
+
+
+@pytest.mark.parametrize("port", ["9" * 5000, "0655350", "65536", "0", "٣"])
+def test_odd_ports_are_config_errors(port: str) -> None:
+    with pytest.raises(ConfigError, match="port"):
+        broker_from_env({"PACKIT_BROKER_URL": f"amqps://u:p@h.example.test:{port}/"})
