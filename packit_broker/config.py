@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import SplitResult, unquote, urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 from packit_broker.queues import DEFAULT_QUEUE_NAMES, QueueSettings, QueueType
 
 BROKER_PREFIX = "PACKIT_BROKER_"
 RESULT_BACKEND_PREFIX = "PACKIT_RESULT_BACKEND_"
 DATABASE_PREFIX = "PACKIT_DATABASE_"
+MIGRATE_FROM_VARIABLE = "PACKIT_MIGRATE_FROM"
 
 DEFAULT_AMQPS_PORT = 5671
 DEFAULT_AMQP_PORT = 5672
 DEFAULT_POSTGRES_PORT = 5432
+DEFAULT_REDIS_PORT = 6379
 DEFAULT_HEARTBEAT = 60
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
@@ -147,7 +151,7 @@ def parse_int(environ: Mapping[str, str], name: str, default: int, *, minimum: i
 
 
 def parse_port(variable: str, raw: str) -> int:
-    if not raw.isascii() or not raw.isdigit():
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 5:
         raise ConfigError(variable, f"port must be a number from 1 to 65535, got {raw!r}")
     port = int(raw)
     if not 1 <= port <= 65535:
@@ -175,11 +179,13 @@ def parse_host_port(variable: str, raw: str) -> HostPort:
     return HostPort(host, parse_port(variable, port_text))
 
 
-def _check_hostname(variable: str, host: str) -> None:
+def _check_hostname(variable: str, host: str, *, show: bool = True) -> None:
+    """`show=False` for a host taken from a URL: a mangled URL may hold a password there."""
     if not host:
         raise ConfigError(variable, "the host name is empty")
     if any(ch.isspace() or ch in "/?#@\\" or ord(ch) < 32 for ch in host):
-        raise ConfigError(variable, f"invalid characters in host name {host!r}")
+        shown = f" {host!r}" if show else ""
+        raise ConfigError(variable, f"invalid characters in host name{shown}")
     if len(host) > 253:
         raise ConfigError(variable, "host name longer than 253 characters")
 
@@ -221,33 +227,108 @@ def _tls_settings(environ: Mapping[str, str], prefix: str, host: str) -> TLSSett
     )
 
 
-def _split_url(variable: str, raw: str) -> SplitResult:
-    if any(ord(ch) < 32 or ch.isspace() for ch in raw):
-        raise ConfigError(variable, "the URL contains whitespace or control characters")
-    try:
-        parts = urlsplit(raw)
-        parts.port  # noqa: B018 - urlsplit validates the port lazily
-    except ValueError as exc:
-        raise ConfigError(variable, f"malformed URL ({exc})") from None
-    return parts
+#: Schemes worth naming back when a URL has the wrong one; anything else is not echoed, since a
+#: mangled URL can put part of a password where the scheme should be.
+KNOWN_SCHEMES = frozenset(
+    {"amqp", "amqps", "redis", "rediss", "unix", "postgres", "postgresql", "http", "https"}
+)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+ENCODE_HINT = (
+    "percent-encode the user name and password (/ %2F, ? %3F, # %23, @ %40, : %3A, % %25,"
+    " space %20), e.g. python3 -c 'import urllib.parse, getpass;"
+    ' print(urllib.parse.quote(getpass.getpass(), safe=""))\''
+)
 
 
-def _url_port(variable: str, parts: SplitResult, default: int) -> int:
-    netloc_port = parts.netloc.rpartition("@")[2]
-    if netloc_port.startswith("["):
-        netloc_port = netloc_port.partition("]")[2]
-    if ":" not in netloc_port:
-        return default
-    return parse_port(variable, netloc_port.rpartition(":")[2])
+@dataclass(frozen=True)
+class UrlParts:
+    """A URL split by hand, never by `urlsplit`: no part of it is ever put into an error.
+
+    `urlsplit` ends the authority at the first `/`, `?` or `#`, so an unencoded one inside a
+    password turns the rest of the password into the "port" (and `.port` then raises
+    `Port could not be cast to integer value as '<part of the password>'`), the host or the
+    path. Here a URL that cannot be split without guessing is refused with a fixed message.
+    """
+
+    scheme: str
+    username: str | None
+    password: str | None = field(repr=False)
+    host: str
+    port: int | None
+    path: str
+    query: str
 
 
-def _credentials(variable: str, parts: SplitResult) -> tuple[str, str]:
+def split_secret_url(variable: str, raw: str, expected: str) -> UrlParts:
+    """Split `SCHEME://[USER[:PASSWORD]@]HOST[:PORT][/PATH][?QUERY]` without echoing any of it.
+
+    `expected` is the example shown when the URL is not of that shape.
+    """
+    if any(ord(ch) < 32 or ord(ch) == 127 or ch.isspace() for ch in raw):
+        raise ConfigError(
+            variable, f"the URL contains whitespace or control characters; {ENCODE_HINT}"
+        )
+    scheme, sep, rest = raw.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        raise ConfigError(variable, f"expected a URL like {expected}")
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in tail:
+        raise ConfigError(variable, f"the URL has an '@' after its host part; {ENCODE_HINT}")
+    if "#" in tail:
+        raise ConfigError(variable, f"the URL has a '#'; {ENCODE_HINT}")
+    path, _, query = tail.partition("?")
+    userinfo, at, hostport = authority.rpartition("@")
+    username = password = None
+    if at:
+        user_raw, colon, password_raw = userinfo.partition(":")
+        username = unquote(user_raw)
+        password = unquote(password_raw) if colon else None
+    host, port = _split_host_port(variable, hostport)
+    return UrlParts(scheme.lower(), username, password, host, port, path, query)
+
+
+def _split_host_port(variable: str, hostport: str) -> tuple[str, int | None]:
+    if hostport.startswith("["):
+        host, close, after = hostport[1:].partition("]")
+        if not close or (after and not after.startswith(":")):
+            raise ConfigError(variable, "the host in the URL: put an IPv6 address in [brackets]")
+        port_text: str | None = after[1:] if after else None
+    else:
+        host, colon, port_text = hostport.rpartition(":")
+        if not colon:
+            host, port_text = hostport, None
+        elif ":" in host:
+            raise ConfigError(variable, "the host in the URL: put an IPv6 address in [brackets]")
+    if any(ch in "[]\\" for ch in host) or len(host) > 253:
+        raise ConfigError(variable, "invalid characters in the host name of the URL")
+    if not port_text:
+        return host.lower(), None
+    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if not digits or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(variable, "the port in the URL must be a number from 1 to 65535")
+    return host.lower(), int(port_text)
+
+
+def _wrong_scheme(variable: str, scheme: str, expected: str, why: str = "") -> ConfigError:
+    named = f" {scheme}://" if scheme in KNOWN_SCHEMES else ""
+    return ConfigError(variable, f"wrong scheme{named}: expected {expected}{why}")
+
+
+def _credentials(variable: str, parts: UrlParts, expected: str) -> tuple[str, str]:
     if parts.username is None or parts.password is None:
-        raise ConfigError(variable, "the URL needs USER:PASSWORD@ (the broker has no guest login)")
-    username, password = unquote(parts.username), unquote(parts.password)
-    if not username:
+        raise ConfigError(variable, f"the URL needs USER:PASSWORD@ ({expected})")
+    if not parts.username:
         raise ConfigError(variable, "the user name in the URL is empty")
-    return username, password
+    return parts.username, parts.password
+
+
+def _host(variable: str, parts: UrlParts) -> str:
+    if not parts.host:
+        raise ConfigError(variable, "the URL has no host")
+    _check_hostname(variable, parts.host, show=False)
+    return parts.host
 
 
 def broker_from_env(environ: Mapping[str, str] | None = None) -> BrokerEndpoint:
@@ -257,25 +338,20 @@ def broker_from_env(environ: Mapping[str, str] | None = None) -> BrokerEndpoint:
     raw = _get(env, variable)
     if raw is None:
         raise ConfigError(variable, "not set; expected amqps://USER:PASSWORD@ROUTE_HOST:443/VHOST")
-    parts = _split_url(variable, raw)
-    scheme = parts.scheme.lower()
-    if scheme not in ("amqps", "amqp"):
-        raise ConfigError(
-            variable, f"scheme must be amqps:// (or amqp:// to loopback), got {scheme!r}"
-        )
-    if parts.query or parts.fragment:
+    expected = "amqps://USER:PASSWORD@ROUTE_HOST:443/VHOST"
+    parts = split_secret_url(variable, raw, expected)
+    if parts.scheme not in ("amqps", "amqp"):
+        raise _wrong_scheme(variable, parts.scheme, expected, " (or amqp:// to loopback)")
+    if parts.query:
         raise ConfigError(
             variable,
             "no ?query options: TLS settings come from PACKIT_BROKER_CA_FILE/CERT_FILE/KEY_FILE"
             " (py-amqp breaks on ?ssl_* options)",
         )
-    host = parts.hostname
-    if not host:
-        raise ConfigError(variable, "the URL has no host")
-    _check_hostname(variable, host)
-    username, password = _credentials(variable, parts)
-    tls = scheme == "amqps"
-    port = _url_port(variable, parts, DEFAULT_AMQPS_PORT if tls else DEFAULT_AMQP_PORT)
+    host = _host(variable, parts)
+    username, password = _credentials(variable, parts, expected)
+    tls = parts.scheme == "amqps"
+    port = parts.port or (DEFAULT_AMQPS_PORT if tls else DEFAULT_AMQP_PORT)
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
     connect_raw = _get(env, BROKER_PREFIX + "CONNECT_TO")
     connect_to = parse_host_port(BROKER_PREFIX + "CONNECT_TO", connect_raw) if connect_raw else None
@@ -340,28 +416,26 @@ def database_from_env(
     raw = _get(env, variable)
     if raw is None:
         return None
-    parts = _split_url(variable, raw)
-    scheme = parts.scheme.lower()
-    if scheme not in ("postgresql", "postgres"):
-        raise ConfigError(
+    expected = "postgresql://USER:PASSWORD@HOST:PORT/DB"
+    parts = split_secret_url(variable, raw, expected)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise _wrong_scheme(
             variable,
-            f"expected postgresql://USER:PASSWORD@HOST:PORT/DB, got scheme {scheme!r}"
+            parts.scheme,
+            expected,
             " (only PostgreSQL 17+ can cross a passthrough Route, with direct TLS)",
         )
-    if parts.query or parts.fragment:
+    if parts.query:
         raise ConfigError(variable, "no ?query options: TLS is always verify-full + direct")
-    host = parts.hostname
-    if not host:
-        raise ConfigError(variable, "the URL has no host")
-    _check_hostname(variable, host)
-    username, password = _credentials(variable, parts)
+    host = _host(variable, parts)
+    username, password = _credentials(variable, parts, expected)
     dbname = unquote(parts.path[1:])
     if not dbname or "/" in dbname:
         raise ConfigError(variable, "the URL needs a database name: .../DBNAME")
     connect_raw = _get(env, prefix + "CONNECT_TO")
     return DatabaseEndpoint(
         host=host,
-        port=_url_port(variable, parts, DEFAULT_POSTGRES_PORT),
+        port=parts.port or DEFAULT_POSTGRES_PORT,
         dbname=dbname,
         username=username,
         password=password,
@@ -369,3 +443,117 @@ def database_from_env(
         connect_to=parse_host_port(prefix + "CONNECT_TO", connect_raw) if connect_raw else None,
         variable_prefix=prefix,
     )
+
+
+@dataclass(frozen=True)
+class RedisEndpoint:
+    """The Redis broker `migrate` drains: `redis://`, `rediss://` (TLS) or `unix://` (socket).
+
+    Parsed here, by the one URL splitter, instead of by redis-py's `from_url` (which uses
+    `urlsplit` and echoes part of a password with an unencoded `/`, `?` or `#`).
+    """
+
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None = field(repr=False)
+    tls: bool = False
+    socket_path: str | None = None
+    ssl_options: Mapping[str, str | bool] = field(default_factory=dict)
+
+    @property
+    def display_url(self) -> str:
+        """The URL with the password masked, safe for logs and errors."""
+        auth = f"{self.username or ''}:***@" if self.password is not None else ""
+        if self.socket_path is not None:
+            return f"unix://{auth}{self.socket_path}?db={self.db}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keywords for `redis.Redis(...)` (the caller adds its timeouts)."""
+        kwargs: dict[str, Any] = {"db": self.db}
+        if self.socket_path is not None:
+            kwargs["unix_socket_path"] = self.socket_path
+        else:
+            kwargs.update(host=self.host, port=self.port)
+        if self.username:
+            kwargs["username"] = self.username
+        if self.password is not None:
+            kwargs["password"] = self.password
+        if self.tls:
+            kwargs["ssl"] = True
+            kwargs.update(self.ssl_options)
+        return kwargs
+
+
+#: The `?query` options of a Redis URL that are understood; TLS ones for `rediss://` only.
+REDIS_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+REDIS_CERT_REQS = ("none", "optional", "required")
+
+
+def redis_from_url(raw: str, variable: str = MIGRATE_FROM_VARIABLE) -> RedisEndpoint:
+    """Parse the source Redis URL (`--from` / `PACKIT_MIGRATE_FROM`) into a `RedisEndpoint`."""
+    expected = "redis://[:PASSWORD@]HOST:PORT/DB (or rediss://, unix:///PATH?db=N)"
+    text = raw.strip()
+    if not text:
+        raise ConfigError(variable, f"not set; expected {expected}")
+    parts = split_secret_url(variable, text, expected)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise _wrong_scheme(variable, parts.scheme, expected)
+    if parts.username is not None and parts.password is None:
+        raise ConfigError(
+            variable,
+            "the URL has USER@ but no password: write redis://:PASSWORD@HOST (default user) or"
+            " redis://USER:PASSWORD@HOST (ACL user)",
+        )
+    options = _redis_query(variable, parts)
+    password = parts.password or None
+    username = parts.username or None
+    if parts.scheme == "unix":
+        if parts.host or parts.port or not parts.path:
+            raise ConfigError(variable, "a unix:// URL takes a socket path: unix:///PATH?db=N")
+        db = _redis_db(variable, options.pop("db", "0"))
+        _refuse_tls_options(variable, options, parts.scheme)
+        socket_path = unquote(parts.path)
+        return RedisEndpoint("", 0, db, username, password, socket_path=socket_path)
+    host = _host(variable, parts)
+    db_text = parts.path[1:] if len(parts.path) > 1 else "0"
+    db = _redis_db(variable, options.pop("db", db_text))
+    tls = parts.scheme == "rediss"
+    if not tls:
+        _refuse_tls_options(variable, options, parts.scheme)
+    ssl_options: dict[str, str | bool] = dict(options)
+    if tls and ssl_options.get("ssl_cert_reqs", "required") == "required":
+        ssl_options["ssl_check_hostname"] = True
+    port = parts.port or DEFAULT_REDIS_PORT
+    return RedisEndpoint(host, port, db, username, password, tls, ssl_options=ssl_options)
+
+
+def _redis_query(variable: str, parts: UrlParts) -> dict[str, str]:
+    """The known options of the query; values are never echoed (one might be a secret)."""
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in ("db", *REDIS_TLS_OPTIONS) or name in options:
+            raise ConfigError(
+                variable,
+                "unsupported or repeated ?option in the URL; understood, once each: db, "
+                + ", ".join(REDIS_TLS_OPTIONS),
+            )
+        options[name] = value
+    if options.get("ssl_cert_reqs", "required") not in REDIS_CERT_REQS:
+        raise ConfigError(variable, "ssl_cert_reqs in the URL must be none, optional or required")
+    return options
+
+
+def _refuse_tls_options(variable: str, options: Mapping[str, str], scheme: str) -> None:
+    if options:
+        raise ConfigError(variable, f"?ssl_* options need rediss://, not {scheme}://")
+
+
+def _redis_db(variable: str, text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 5:
+        raise ConfigError(variable, "the database in the URL must be a number: .../0")
+    return int(text)

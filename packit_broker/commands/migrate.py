@@ -12,7 +12,13 @@ import amqp
 import click
 import redis
 
-from packit_broker.config import ConfigError, broker_from_env, queues_from_env
+from packit_broker.config import (
+    MIGRATE_FROM_VARIABLE,
+    ConfigError,
+    broker_from_env,
+    queues_from_env,
+    redis_from_url,
+)
 from packit_broker.failures import classify_connect_error
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, make_plan
 from packit_broker.migrate.amqp_sink import PublishFailed
@@ -84,8 +90,9 @@ class _Progress:
     "--from",
     "source_url",
     required=True,
+    envvar=MIGRATE_FROM_VARIABLE,
     metavar="redis://[:PASSWORD@]HOST:PORT/DB",
-    help="The Redis broker to drain.",
+    help="The Redis broker to drain (default: PACKIT_MIGRATE_FROM, keeps it out of argv).",
 )
 @click.option(
     "--to",
@@ -159,7 +166,10 @@ def migrate(
         force=force,
         max_message_size=max_message_size,
     )
-    redis_display = _mask_redis(source_url)
+    try:
+        redis_display = redis_from_url(source_url).display_url
+    except ConfigError as exc:
+        raise click.UsageError(f"--from: {exc}") from None
     try:
         source = RedisSource.from_url(source_url, Keys(key_prefix))
         source.client.ping()
@@ -220,19 +230,6 @@ def _print_summary(data: dict[str, Any]) -> None:
     if data["possible_duplicates"]:
         click.echo(f"  possible duplicates after an earlier crash: {data['possible_duplicates']}")
     click.echo(f"  done in {data['seconds']:.1f}s")
-
-
-def _mask_redis(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or "?"
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "redis://(unparsable URL)"
-    auth = "***@" if parts.password else ""
-    return f"{parts.scheme}://{auth}{host}{port}{parts.path}"
 
 
 def _fail(message: str) -> None:

@@ -36,17 +36,20 @@ def _producer(redis_url: str, queues: Sequence[str]) -> object:
 
 
 def kill_consumer_holding(redis_url: str, queue: str, count: int) -> None:
-    """A kombu consumer takes `count` messages unacked and is SIGKILLed, like a killed worker."""
+    """A kombu consumer takes `count` messages unacked and is SIGKILLed, like a killed worker.
+
+    The URL (it holds the Redis password) goes in the environment, not in the child's argv."""
     script = textwrap.dedent(f"""
         import os, signal
         from kombu import Connection
-        with Connection({redis_url!r}) as conn:
+        with Connection(os.environ["PACKIT_DEMO_REDIS_URL"]) as conn:
             q = conn.SimpleQueue({queue!r})
             for _ in range({count}):
                 q.get(timeout=10)
             os.kill(os.getpid(), signal.{signal.SIGKILL.name})
     """)
-    subprocess.run([sys.executable, "-c", script], check=False, timeout=60, env=dict(os.environ))
+    env = {**os.environ, "PACKIT_DEMO_REDIS_URL": redis_url}
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=60, env=env)
 
 
 def backdate_unacked(client: redis.Redis[bytes], seconds: float) -> None:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
 
+from packit_broker.config import MIGRATE_FROM_VARIABLE
 from packit_broker.demo.backlog import Backlog, make_backlog
 from packit_broker.queues import DEFAULT_QUEUE_NAMES
 from packit_broker.stack import Stack
@@ -51,10 +54,10 @@ def _packit_broker(env: dict[str, str], *args: str) -> int:
 
 
 def _migrate(stack: Stack, env: dict[str, str]) -> dict[str, Any]:
+    """The source URL goes in PACKIT_MIGRATE_FROM: a password in argv is visible in `ps`."""
     report_file = stack.root / "migrate-report.json"
-    code = _packit_broker(
-        env, "migrate", "--from", stack.redis_url(0), "--report", str(report_file)
-    )
+    migrate_env = {**env, MIGRATE_FROM_VARIABLE: stack.redis_url(0)}
+    code = _packit_broker(migrate_env, "migrate", "--report", str(report_file))
     if code not in (0, 4):  # 4: done, with the malformed message quarantined
         raise click.ClickException(f"migrate failed with exit code {code}")
     report: dict[str, Any] = json.loads(report_file.read_text())
@@ -137,8 +140,11 @@ def run_demo(keep: bool) -> None:
         if ran < len(made.task_ids):
             raise click.ClickException(f"only {ran} of {len(made.task_ids)} tasks ran")
         if keep:
-            exports = "\n".join(f"export {k}='{v}'" for k, v in stack.client_env().items())
-            click.echo(f"\nThe stack stays up; use it from another shell with:\n{exports}")
+            env_file = _write_client_env(stack)
+            click.echo(
+                "\nThe stack stays up; use it from another shell with:\n"
+                f"  set -a; . {env_file}; set +a"
+            )
             click.echo("\nPress Ctrl-C to tear it down.")
             while True:
                 time.sleep(3600)
@@ -147,6 +153,17 @@ def run_demo(keep: bool) -> None:
     finally:
         stack.stop()
         click.secho(f"==> stack stopped, {stack.root} removed", bold=True, err=True)
+
+
+def _write_client_env(stack: Stack) -> Path:
+    """The exports for another shell, in a file only this user can read (they hold passwords)."""
+    env_file = stack.root / "client.env"
+    env_file.touch(mode=0o600)
+    env_file.chmod(0o600)
+    lines = [f"{k}={shlex.quote(v)}" for k, v in stack.client_env().items()]
+    lines.append(f"{MIGRATE_FROM_VARIABLE}={shlex.quote(stack.redis_url(0))}")
+    env_file.write_text("\n".join(lines) + "\n")
+    return env_file
 
 
 def _summary(

@@ -18,6 +18,8 @@ from typing import Any
 
 import redis
 
+from packit_broker.config import redis_from_url
+
 PRIORITY_SEP = "\x06\x16"
 QUARANTINE = "packit_broker.quarantine"
 INFLIGHT = "packit_broker.inflight"
@@ -131,9 +133,11 @@ class RedisSource:
 
     @classmethod
     def from_url(cls, url: str, keys: Keys | None = None) -> RedisSource:
-        client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10)
-        db = int(client.connection_pool.connection_kwargs.get("db", 0))
-        return cls(client, db, keys)
+        """Parsed by packit_broker.config, not redis-py's from_url: no password in errors."""
+        endpoint = redis_from_url(url)
+        kwargs = endpoint.client_kwargs()
+        client = redis.Redis(**kwargs, socket_timeout=30, socket_connect_timeout=10)
+        return cls(client, endpoint.db, keys)
 
     # -- discovery -----------------------------------------------------------------------
 

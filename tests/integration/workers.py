@@ -14,14 +14,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def celery_worker(env: Mapping[str, str], queues: list[str], log: Path) -> Iterator[Process]:
+def celery_worker(
+    env: Mapping[str, str], queues: list[str], log: Path, app: str = "tests.integration.taskapp"
+) -> Iterator[Process]:
     """A `celery worker` (solo pool, one task at a time) on `queues`, configured by env only."""
     argv = [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "tests.integration.taskapp",
+        app,
         "worker",
         "-P",
         "solo",
