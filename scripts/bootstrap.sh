@@ -24,10 +24,23 @@ if ! command -v "$PYTHON" >/dev/null || ! "$PYTHON" -c 'import venv, ensurepip' 
   PYTHON=/usr/bin/python3
 fi
 
+if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
+  # Not Debian: no apt to install with; name what is missing, then build the venv anyway.
+  absent=()
+  for binary in redis-server haproxy openssl epmd; do command -v "$binary" >/dev/null || absent+=("$binary"); done
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || command -v rabbitmq-server >/dev/null ||
+    absent+=(rabbitmq-server)
+  if [ ${#absent[@]} -gt 0 ]; then
+    echo "bootstrap: not a Debian system; install with your package manager: ${absent[*]}" >&2
+    exit 1
+  fi
+  packages=()
+fi
+
 missing=()
 for pkg in "${packages[@]}"; do installed "$pkg" || missing+=("$pkg"); done
 # PostgreSQL 17 from the release when it has one (Debian 13); Debian 12 uses the wheel.
-if ! compgen -G '/usr/lib/postgresql/1[7-9]/bin/postgres' >/dev/null &&
+if [ ${#packages[@]} -gt 0 ] && ! compgen -G '/usr/lib/postgresql/1[7-9]/bin/postgres' >/dev/null &&
   ! compgen -G '/usr/lib/postgresql/[2-9][0-9]/bin/postgres' >/dev/null; then
   [ "$(id -u)" = 0 ] && { have_lists || apt-get update -qq; }
   available postgresql-17 && missing+=(postgresql-17)
@@ -52,7 +65,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ "$MODE" = test ] && [ "$(id -u)" = 0 ]; then
+if [ "$MODE" = test ] && [ "$(id -u)" = 0 ] && [ ${#packages[@]} -gt 0 ]; then
   bash tests/rig/legacy-postgres.sh
 fi
 
