@@ -544,9 +544,11 @@ def _envelope(raw: bytes) -> dict[str, Any] | None:
 
 
 def _envelope_priority(envelope: dict[str, Any]) -> int:
-    properties = envelope.get("properties")
-    raw = properties.get("priority") if isinstance(properties, dict) else None
-    return raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
+    """The priority kombu's `_get_message_priority` reads (`int()` of it, else 0)."""
+    try:
+        return int(envelope["properties"]["priority"])
+    except (TypeError, ValueError, KeyError, OverflowError):
+        return 0
 
 
 def _guess_binding_sep(member: str) -> str | None:

@@ -26,6 +26,7 @@ from packit_broker.migrate.redis_source import (
     LiveConsumer,
     RedisSource,
     RunLock,
+    Survey,
     UnackedEntry,
 )
 from packit_broker.queues import QueueSettings, QueueSpec
@@ -194,35 +195,13 @@ def unacked_targets(
 
 
 def make_plan(source: RedisSource, queues: QueueSettings, options: MigrateOptions) -> Plan:
+    """Read-only: what is where, what would be refused, skipped or moved."""
     survey = source.survey()
     layout = source.layout
-    problems = list(survey.mismatches)
-    if survey.foreign_prefixes and not options.queues:
-        shown = ", ".join(repr(p) for p in sorted(survey.foreign_prefixes))
-        problems.append(
-            f"Redis holds kombu keys under global_keyprefix {shown}, not"
-            f" {layout.global_keyprefix!r}: set global_keyprefix as the app does"
-            " (or select queues with --queue)"
-        )
     known = set(queues.names) | set(options.queues) | survey.list_queues | set(survey.bindings)
-    if options.queues:
-        origins = dict.fromkeys(options.queues, "requested")
-    else:
-        origins = dict.fromkeys(queues.names, "configured")
-        for name in sorted(survey.list_queues):
-            origins.setdefault(name, "redis")
-        for name in sorted(survey.bindings):
-            origins.setdefault(name, "binding")
-    skipped = dict(survey.skipped)
-    for name in list(origins):
-        if name in skipped:
-            del origins[name]
+    origins = _origins(survey, queues, options)
     wanted = {name: layout.bucket_keys(name) for name in origins}
-    expected = {k: "list" for keys in wanted.values() for k in keys.values()}
-    expected.update({layout.unacked: "hash", layout.unacked_index: "zset"})
-    types = source.types(list(expected))
-    wrong = dict(survey.wrong_type)
-    wrong.update({k: t for k, t in types.items() if t not in (expected[k], "none")})
+    wrong = _wrong_types(source, survey, wanted)
     readable = {n: {s: k for s, k in keys.items() if k not in wrong} for n, keys in wanted.items()}
     flat = [k for keys in readable.values() for k in keys.values()]
     lengths = dict(zip(flat, source.lengths(flat), strict=True))
@@ -236,17 +215,17 @@ def make_plan(source: RedisSource, queues: QueueSettings, options: MigrateOption
         for name, origin in origins.items()
     }
     unacked_readable = layout.unacked not in wrong and layout.unacked_index not in wrong
-    unacked_total, targeted = 0, set()
+    targeted: set[str] = set()
     if options.include_unacked and unacked_readable:
         for entry in source.unacked():
             for target in _entry_targets(entry, survey.bindings, known):
                 targeted.add(target)
                 if target in plans:
                     plans[target].unacked += 1
-                    unacked_total += 1
-    for name in options.queues:
-        present = name in plans and (plans[name].total or name in survey.bindings)
-        if name in plans and not present and name not in targeted and not _bad(wanted[name], wrong):
+    problems = _layout_problems(survey, layout, options)
+    for name in (q for q in options.queues if q in plans):
+        found = plans[name].total or name in survey.bindings or name in targeted
+        if not found and not _bad(wanted[name], wrong):
             problems.append(
                 f"--queue {name!r} is nowhere in Redis (no list in any priority bucket, no"
                 " binding, no unacked entry): check its spelling and the transport options"
@@ -254,17 +233,56 @@ def make_plan(source: RedisSource, queues: QueueSettings, options: MigrateOption
     fresh = source.fresh_unacked(options.fresh_unacked_seconds) if unacked_readable else 0
     return Plan(
         queues=list(plans.values()),
-        unacked_total=unacked_total,
+        unacked_total=sum(p.unacked for p in plans.values()),
         live_consumers=source.live_consumers(options.recent_consumer_seconds),
         fresh_unacked=fresh if options.include_unacked else 0,
         bindings=survey.bindings,
         layout=layout,
         known=known,
-        skipped=skipped,
+        skipped=dict(survey.skipped),
         wrong_type=wrong,
         layout_problems=problems,
         unacked_readable=unacked_readable,
     )
+
+
+def _origins(survey: Survey, queues: QueueSettings, options: MigrateOptions) -> dict[str, str]:
+    """queue -> why it is in the plan; Celery's control traffic never is."""
+    if options.queues:
+        origins = dict.fromkeys(options.queues, "requested")
+    else:
+        origins = dict.fromkeys(queues.names, "configured")
+        for name in sorted(survey.list_queues):
+            origins.setdefault(name, "redis")
+        for name in sorted(survey.bindings):
+            origins.setdefault(name, "binding")
+    return {name: why for name, why in origins.items() if name not in survey.skipped}
+
+
+def _wrong_types(
+    source: RedisSource, survey: Survey, wanted: dict[str, dict[int, str]]
+) -> dict[str, str]:
+    """Keys kombu would read that hold another Redis type: named, then left alone."""
+    layout = source.layout
+    expected = {k: "list" for keys in wanted.values() for k in keys.values()}
+    expected.update({layout.unacked: "hash", layout.unacked_index: "zset"})
+    wrong = dict(survey.wrong_type)
+    for key, kind in source.types(list(expected)).items():
+        if kind not in (expected[key], "none"):
+            wrong[key] = kind
+    return wrong
+
+
+def _layout_problems(survey: Survey, layout: KombuLayout, options: MigrateOptions) -> list[str]:
+    problems = list(survey.mismatches)
+    if survey.foreign_prefixes and not options.queues:
+        shown = ", ".join(repr(p) for p in sorted(survey.foreign_prefixes))
+        problems.append(
+            f"Redis holds kombu keys under global_keyprefix {shown}, not"
+            f" {layout.global_keyprefix!r}: set global_keyprefix as the app does"
+            " (or select queues with --queue)"
+        )
+    return problems
 
 
 def _bad(keys: dict[int, str], wrong: dict[str, str]) -> bool:
