@@ -113,6 +113,11 @@ def test_killed_redis_worker_pidbox_is_skipped_and_the_node_starts_on_rabbitmq(
         )
         worker.kill()  # SIGKILL: the pidbox binding stays behind
     task = backlog.send(backlog.producer(redis_url, queue_names), queue_names[0], "x:after")
+    dry = run_migrate(client_env, "--from", redis_url, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    plan = json.loads(dry.stdout)
+    assert pidbox in {s["name"] for s in plan["skipped"]}
+    assert pidbox not in {q["name"] for q in plan["queues"]}
     done = run_migrate(client_env, "--from", redis_url, "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
