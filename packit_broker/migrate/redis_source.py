@@ -530,7 +530,12 @@ class RunLock:
         try:
             self._keep(keys=[self.key], args=[self.owner, 0])
         finally:
-            self.client.close()
+            self.close()
+
+    def close(self) -> None:
+        """Drop the lock's connection (a holder whose connection is gone counts as dead)."""
+        self.client.close()
+        self.client.connection_pool.disconnect()
 
 
 def _envelope(raw: bytes) -> dict[str, Any] | None:

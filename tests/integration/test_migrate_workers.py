@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from packit_broker.kombu_layout import KombuLayout
-from packit_broker.migrate.redis_source import RedisSource, UnackedEntry
+from packit_broker.migrate.redis_source import LockHeld, RedisSource, RunLock, UnackedEntry
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process, wait_until
 from tests.integration import backlog
@@ -302,3 +302,30 @@ def test_unacked_removed_only_while_unchanged(redis_url: str) -> None:
     gone = UnackedEntry("gone", b'["c"]', 1.0)
     assert sorted(source.remove_unacked([*read, gone], [])) == ["changed", "gone"]
     assert client.hgetall("unacked") == {b"changed": b'["b", "restored and redelivered"]'}
+
+
+def test_run_lock_is_renewed_refused_and_taken_over_only_when_dead(redis_url: str) -> None:
+    source = RedisSource.from_url(redis_url, KombuLayout())
+    first = RunLock(source, ttl=1.0)
+    assert first.acquire() is None
+    first.start()
+    time.sleep(2.5)  # more than twice the expiry: only renewal keeps it
+    with pytest.raises(LockHeld, match=first.owner):
+        RunLock(source, ttl=1.0).acquire()
+    first.release()
+    assert not source.client.exists("packit_broker.lock")
+
+    crashed = RunLock(source, ttl=60.0)
+    crashed.acquire()
+    crashed.close()  # its process died: the connection is gone, the key is not
+    successor = RunLock(source, ttl=60.0)
+    assert successor.acquire() == crashed.owner
+    successor.release()
+
+    silent = RunLock(source, ttl=0.5)
+    silent.acquire()  # connected but never renewed: expires
+    time.sleep(1.0)
+    late = RunLock(source, ttl=60.0)
+    assert late.acquire() is None
+    late.release()
+    silent.close()
