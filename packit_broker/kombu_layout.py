@@ -174,12 +174,8 @@ class KombuLayout:
         return self.key(BINDING_PREFIX + exchange)
 
     @property
-    def binding_pattern(self) -> str:
-        return _glob_escape(self.key(BINDING_PREFIX)) + "*"
-
-    @property
     def list_pattern(self) -> str:
-        return _glob_escape(self.global_keyprefix) + "*"
+        return glob_escape(self.global_keyprefix) + "*"
 
     def split_binding(self, member: str) -> tuple[str, str, str] | None:
         """A binding set member `routing_key SEP pattern SEP queue`, or None if it is not one."""
@@ -225,7 +221,8 @@ def guess_sep(name: str) -> str | None:
     return match.group(2) if match else None
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
+    """`text` as a literal inside a Redis SCAN MATCH pattern."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 

@@ -27,6 +27,7 @@ from packit_broker.kombu_layout import (
     BINDING_PREFIX,
     KombuLayout,
     control_reason,
+    glob_escape,
     guess_sep,
 )
 
@@ -295,7 +296,7 @@ class RedisSource:
     def _survey_unacked_hashes(self, found: Survey) -> None:
         """`<prefix>unacked` hashes of another global_keyprefix."""
         name = self.layout.unacked_key
-        for raw in self._scan("*" + name, "hash"):
+        for raw in self._scan("*" + glob_escape(name), "hash"):
             key = raw.decode(errors="surrogateescape")
             prefix = key[: -len(name)]
             if prefix != self.layout.global_keyprefix:
