@@ -204,7 +204,11 @@ def test_second_migrator_is_refused_naming_the_first(
     first = start_migrate(client_env, redis_url, "--batch-size", "200")
     try:
         wait_for_progress(first, 200)
-        second = run_migrate(client_env, "--from", redis_url)
+        first.send_signal(signal.SIGSTOP)  # still running (and connected), however fast it is
+        try:
+            second = run_migrate(client_env, "--from", redis_url)
+        finally:
+            first.send_signal(signal.SIGCONT)
         _, stderr = first.communicate(timeout=300)
     finally:
         first.kill()
