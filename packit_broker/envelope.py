@@ -14,8 +14,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-REDIS_MAX_PRIORITY = 9
-PRIORITY_STEPS = (0, 3, 6, 9)  # kombu Redis transport default `priority_steps`
+from packit_broker.kombu_layout import MAX_PRIORITY as REDIS_MAX_PRIORITY
+from packit_broker.kombu_layout import KombuLayout
+
+DEFAULT_LAYOUT = KombuLayout()
 #: AMQP basic properties worth keeping; `user_id` is left out on purpose (RabbitMQ rejects a
 #: user_id that is not the publishing user).
 KEPT_PROPERTIES = (
@@ -48,13 +50,14 @@ class AmqpMessage:
     headers: dict[str, Any] = field(default_factory=dict)
 
 
-def redis_bucket(priority: int) -> int:
-    """The priority step kombu files a message under (0-2 -> 0, 3-5 -> 3, 6-8 -> 6, 9 -> 9)."""
-    clamped = min(max(priority, 0), REDIS_MAX_PRIORITY)
-    return max(step for step in PRIORITY_STEPS if step <= clamped)
+def redis_bucket(priority: int, layout: KombuLayout = DEFAULT_LAYOUT) -> int:
+    """The priority step kombu files a message under (default steps: 0-2 -> 0, 3-5 -> 3, ...)."""
+    return layout.bucket_of(priority)
 
 
-def amqp_priority(redis_priority: int, max_priority: int | None) -> int | None:
+def amqp_priority(
+    redis_priority: int, max_priority: int | None, layout: KombuLayout = DEFAULT_LAYOUT
+) -> int | None:
     """Redis 0..9 (0 highest) -> AMQP 0..max_priority (max highest); None without priorities.
 
     The bucket, not the raw number, is inverted: Redis serves a bucket first-in first-out, so
@@ -62,7 +65,7 @@ def amqp_priority(redis_priority: int, max_priority: int | None) -> int | None:
     """
     if max_priority is None:
         return None
-    step = redis_bucket(redis_priority)
+    step = redis_bucket(redis_priority, layout)
     return round((REDIS_MAX_PRIORITY - step) * max_priority / REDIS_MAX_PRIORITY)
 
 
@@ -125,10 +128,12 @@ def decode(
     max_priority: int | None,
     binding: tuple[str, str] | None = None,
     max_size: int | None = None,
+    layout: KombuLayout = DEFAULT_LAYOUT,
 ) -> AmqpMessage:
     """Decode one Redis list entry of `queue` into the message to publish to that queue.
 
-    `binding` is the (exchange, routing key) the queue is bound with in RabbitMQ.
+    `binding` is the (exchange, routing key) the queue is bound with in RabbitMQ; `layout`
+    says which priority buckets the app's kombu used (their order is what is kept).
     """
     envelope = _load_json(raw)
     if not isinstance(envelope, dict):
@@ -157,7 +162,7 @@ def decode(
         amqp_props["content_type"] = envelope["content-type"]
     if envelope.get("content-encoding") is not None:
         amqp_props["content_encoding"] = envelope["content-encoding"]
-    priority = amqp_priority(redis_priority, max_priority)
+    priority = amqp_priority(redis_priority, max_priority, layout)
     if priority is not None:
         amqp_props["priority"] = priority
     task_id = headers.get("id")

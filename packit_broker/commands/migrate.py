@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,18 @@ from packit_broker.config import (
     redis_from_url,
 )
 from packit_broker.failures import classify_connect_error
-from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, make_plan
+from packit_broker.kombu_layout import KombuLayout, LayoutError
+from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Report, make_plan
 from packit_broker.migrate.amqp_sink import PublishFailed
-from packit_broker.migrate.redis_source import Keys, RedisSource
+from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
 from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
 
 #: What a network, TLS, broker or Redis failure can raise; anything else is a bug and shows
 #: its traceback.
 CONNECTION_ERRORS = (OSError, EOFError, amqp.exceptions.AMQPError, redis.RedisError)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_QUARANTINED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_QUARANTINED, EXIT_INCOMPLETE = 0, 1, 2, 3, 4, 5
+TRANSPORT_OPTIONS_VARIABLE = "PACKIT_MIGRATE_TRANSPORT_OPTIONS"
 
 FLAG_VARIABLES = {
     "to": "PACKIT_BROKER_URL",
@@ -58,6 +62,12 @@ def _print_plan(plan: Plan) -> None:
             f" {q.origin}; declare durable {q.spec.arguments or '{}'}"
         )
     click.echo(f"  unacked entries to move first: {plan.unacked_total}")
+    for name, why in sorted(plan.skipped.items()):
+        click.echo(f"  skipped {name!r}: {why} (never migrated)")
+    for key, kind in sorted(plan.wrong_type.items()):
+        click.echo(f"  skipped key {key!r}: a Redis {kind}, not what kombu keeps there")
+    if plan.layout_refusal:
+        click.echo(f"  refused, the transport options do not fit Redis: {plan.layout_refusal}")
     if plan.refusal:
         click.echo(f"  would refuse without --force: {plan.refusal}")
 
@@ -134,6 +144,14 @@ class _Progress:
     help="Bodies larger than the broker accepts are quarantined.",
 )
 @click.option("--key-prefix", default="", help="kombu's global_keyprefix, if the app used one.")
+@click.option(
+    "--transport-options",
+    "transport_options",
+    envvar=TRANSPORT_OPTIONS_VARIABLE,
+    metavar="JSON",
+    help="The app's broker_transport_options as JSON (sep, priority_steps, global_keyprefix,"
+    f" unacked_key, ...); default: {TRANSPORT_OPTIONS_VARIABLE}.",
+)
 def migrate(
     source_url: str,
     queues: tuple[str, ...],
@@ -145,13 +163,16 @@ def migrate(
     as_json: bool,
     max_message_size: int,
     key_prefix: str,
+    transport_options: str | None,
     **flags: Any,
 ) -> None:
     """Move every pending Celery message from Redis to RabbitMQ, losing none.
 
     Each batch is confirmed by RabbitMQ before it is removed from Redis; a crash at any point
     leaves state from which rerunning the same command finishes the job. Exit codes: 0 done,
-    4 done with quarantined messages, 3 refused (Redis still consumed), 2 usage, 1 failed.
+    4 done with quarantined messages, 5 done but something of the selected queues is still in
+    Redis (named), 3 refused (Redis still consumed, another layout, another migrator running),
+    2 usage, 1 failed.
     """
     env = _environment(flags)
     try:
@@ -159,6 +180,9 @@ def migrate(
         queue_settings = queues_from_env(env)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    layout = _layout(transport_options, key_prefix)
+    if report_file is not None and not dry_run:
+        _check_report_path(report_file)
     options = MigrateOptions(
         queues=queues,
         batch_size=batch_size,
@@ -171,7 +195,7 @@ def migrate(
     except ConfigError as exc:
         raise click.UsageError(f"--from: {exc}") from None
     try:
-        source = RedisSource.from_url(source_url, Keys(key_prefix))
+        source = RedisSource.from_url(source_url, layout)
         source.client.ping()
         plan = make_plan(source, queue_settings, options)
     except ValueError as exc:
@@ -187,18 +211,36 @@ def migrate(
             click.echo(json.dumps({"event": "plan", **plan.as_dict()}))
         else:
             _print_plan(plan)
-        return
+        sys.exit(EXIT_REFUSED if plan.layout_refusal else EXIT_OK)
     total = sum(q.total for q in plan.queues) + plan.unacked_total
     progress = _Progress(total, as_json)
     try:
         report = Migration(source, broker, queue_settings, options, progress).run(plan)
     except Refused as exc:
         progress.close()
+        fix = (
+            f"set --transport-options (or {TRANSPORT_OPTIONS_VARIABLE}) to the app's"
+            " broker_transport_options; nothing was changed"
+            if plan.layout_refusal
+            else f"stop the Celery workers that use {redis_display}, or pass --force"
+        )
+        click.echo(f"refused: [redis] {exc}\n  {fix}", err=True)
+        sys.exit(EXIT_REFUSED)
+    except LockHeld as exc:
+        progress.close()
         click.echo(
-            f"refused: {exc}\n  stop the Celery workers that use {redis_display}, or pass --force",
+            f"refused: [redis] another migration of {redis_display} is running: {exc.holder}\n"
+            "  wait for it to finish (a crashed run's lock is taken over automatically)",
             err=True,
         )
         sys.exit(EXIT_REFUSED)
+    except MutexBusy as exc:
+        progress.close()
+        click.echo(f"refused: [redis] {exc}", err=True)
+        sys.exit(EXIT_REFUSED)
+    except LockLost as exc:
+        progress.close()
+        _fail(f"[redis] {exc}")
     except PublishFailed as exc:
         progress.close()
         _fail(f"[amqp] {broker.display_url}: {exc}")
@@ -208,12 +250,60 @@ def migrate(
     progress.close()
     data = report.as_dict()
     if report_file is not None:
-        report_file.write_text(json.dumps(data, indent=2) + "\n")
+        _write_atomically(report_file, json.dumps(data, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps({"event": "done", **data}))
     else:
         _print_summary(data)
-    sys.exit(EXIT_QUARANTINED if data["quarantined"] else EXIT_OK)
+    # Only now that the report is out may Redis forget which tasks may exist twice.
+    source.clear_possible_duplicates(len(report.possible_duplicates))
+    sys.exit(_exit_code(report))
+
+
+def _exit_code(report: Report) -> int:
+    if not report.complete:
+        return EXIT_INCOMPLETE
+    return EXIT_QUARANTINED if report.quarantine else EXIT_OK
+
+
+def _layout(transport_options: str | None, key_prefix: str) -> KombuLayout:
+    """The layout from --transport-options / the environment, with --key-prefix folded in."""
+    try:
+        layout = KombuLayout.from_json(transport_options or "{}")
+    except LayoutError as exc:
+        raise click.UsageError(f"--transport-options: {exc}") from None
+    if key_prefix:
+        if layout.global_keyprefix not in ("", key_prefix):
+            raise click.UsageError(
+                "--key-prefix and global_keyprefix in --transport-options disagree; give one"
+            )
+        layout = dataclasses.replace(layout, global_keyprefix=key_prefix)
+    return layout
+
+
+def _check_report_path(path: Path) -> None:
+    """Fail before anything moves if the report could not be written afterwards."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise click.UsageError(f"--report {path}: is a directory")
+    if not directory.is_dir():
+        raise click.UsageError(f"--report {path}: directory {directory} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".packit-report-"):
+            pass
+    except OSError as exc:
+        raise click.UsageError(f"--report {path}: cannot write there ({exc.strerror})") from None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A reader (or a crash) sees the old file or the whole new one, never half of it."""
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=".packit-report-", delete=False
+    ) as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(out.name, path)
 
 
 def _print_summary(data: dict[str, Any]) -> None:
@@ -227,6 +317,14 @@ def _print_summary(data: dict[str, Any]) -> None:
         )
         for entry in data["quarantine"][:20]:
             click.echo(f"    {entry['source']!r}: {entry['reason']}")
+    for item in data["skipped"]:
+        click.echo(f"  skipped {item['name']!r}: {item['reason']}")
+    for item in data["wrong_type"]:
+        click.echo(f"  skipped key {item['key']!r}: a Redis {item['type']}, not migrated")
+    for where, count in data["remaining"].items():
+        click.echo(f"  still in Redis after the run: {count} in {where!r} (rerun to move them)")
+    if data["taken_over_from"]:
+        click.echo(f"  took over the lock of a crashed run: {data['taken_over_from']}")
     if data["possible_duplicates"]:
         click.echo(f"  possible duplicates after an earlier crash: {data['possible_duplicates']}")
     click.echo(f"  done in {data['seconds']:.1f}s")

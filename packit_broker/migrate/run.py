@@ -1,8 +1,9 @@
-"""The migration: plan, refuse if Redis is still being consumed, move, report.
+"""The migration: plan, refuse if Redis is still consumed or laid out otherwise, move, verify.
 
 Order: the `unacked` entries first (a killed worker's and countdown tasks, ahead of their
-queue's backlog, as kombu would have restored them), then per queue the priority buckets
-0, 3, 6, 9, oldest first - the order Redis workers would have taken them.
+queue's backlog, as kombu would have restored them), then per queue the priority buckets in
+kombu's order, oldest first - the order Redis workers would have taken them. Afterwards the
+selected queues are read again: whatever is still there is reported, not assumed away.
 """
 
 from __future__ import annotations
@@ -14,22 +15,25 @@ from typing import Any
 
 from packit_broker.config import BrokerEndpoint
 from packit_broker.envelope import (
-    PRIORITY_STEPS,
     AmqpMessage,
     MalformedMessage,
     decode,
     split_unacked,
 )
+from packit_broker.kombu_layout import KombuLayout
 from packit_broker.migrate.amqp_sink import AmqpSink
 from packit_broker.migrate.redis_source import (
     LiveConsumer,
     RedisSource,
+    RunLock,
+    Survey,
     UnackedEntry,
 )
 from packit_broker.queues import QueueSettings, QueueSpec
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
 Progress = Callable[[str, int], None]
+Bindings = dict[str, set[tuple[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,16 @@ class MigrateOptions:
     force: bool = False
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     fresh_unacked_seconds: float = 300.0
+    recent_consumer_seconds: float = 300.0
+    lock_ttl_seconds: float = 30.0
 
 
 @dataclass
 class QueuePlan:
     spec: QueueSpec
     origin: str  # configured | redis | binding | requested
-    counts: dict[int, int]
+    counts: dict[int, int]  # priority step -> messages
+    keys: dict[int, str]  # priority step -> list key (only keys that are lists or absent)
     unacked: int = 0
 
     @property
@@ -60,10 +67,17 @@ class Plan:
     unacked_total: int
     live_consumers: list[LiveConsumer]
     fresh_unacked: int
-    bindings: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # kombu's, per queue
+    bindings: Bindings = field(default_factory=dict)  # kombu's, per queue
+    layout: KombuLayout = field(default_factory=KombuLayout)
+    known: set[str] = field(default_factory=set)  # every queue Redis knows of
+    skipped: dict[str, str] = field(default_factory=dict)  # control traffic: name -> why
+    wrong_type: dict[str, str] = field(default_factory=dict)  # key -> its type
+    layout_problems: list[str] = field(default_factory=list)
+    unacked_readable: bool = True
 
     @property
     def refusal(self) -> str | None:
+        """Why Redis looks still consumed (`--force` overrides)."""
         reasons = [f"a client is consuming from Redis: {c}" for c in self.live_consumers]
         if self.fresh_unacked:
             reasons.append(
@@ -71,6 +85,12 @@ class Plan:
                 " (a worker may still be running them)"
             )
         return "; ".join(reasons) or None
+
+    @property
+    def layout_refusal(self) -> str | None:
+        """Why the configured layout does not fit the data (not overridable: it would strand
+        or misroute messages)."""
+        return "; ".join(self.layout_problems) or None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +108,10 @@ class Plan:
             "unacked": self.unacked_total,
             "live_consumers": [str(c) for c in self.live_consumers],
             "fresh_unacked": self.fresh_unacked,
+            "skipped": _skipped(self.skipped),
+            "wrong_type": _wrong_type(self.wrong_type),
+            "layout": self.layout.as_options(),
+            "layout_problems": list(self.layout_problems),
         }
 
 
@@ -103,11 +127,20 @@ class Report:
     unacked_migrated: int = 0
     quarantine: list[QuarantinedEntry] = field(default_factory=list)
     possible_duplicates: list[str] = field(default_factory=list)
+    adopted_duplicates: int = 0  # how many of them were in Redis's list when the run began
+    skipped: dict[str, str] = field(default_factory=dict)
+    wrong_type: dict[str, str] = field(default_factory=dict)
+    remaining: dict[str, int] = field(default_factory=dict)  # where -> entries left behind
+    taken_over_from: str | None = None
     seconds: float = 0.0
 
     @property
     def total(self) -> int:
         return sum(self.migrated.values())
+
+    @property
+    def complete(self) -> bool:
+        return not self.remaining and not self.wrong_type
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -116,8 +149,21 @@ class Report:
             "quarantined": len(self.quarantine),
             "quarantine": [{"source": q.source, "reason": q.reason} for q in self.quarantine],
             "possible_duplicates": list(self.possible_duplicates),
+            "skipped": _skipped(self.skipped),
+            "wrong_type": _wrong_type(self.wrong_type),
+            "remaining": dict(self.remaining),
+            "complete": self.complete,
+            "taken_over_from": self.taken_over_from,
             "seconds": round(self.seconds, 3),
         }
+
+
+def _skipped(skipped: dict[str, str]) -> list[dict[str, str]]:
+    return [{"name": name, "reason": why} for name, why in sorted(skipped.items())]
+
+
+def _wrong_type(wrong: dict[str, str]) -> list[dict[str, str]]:
+    return [{"key": key, "type": kind} for key, kind in sorted(wrong.items())]
 
 
 @dataclass
@@ -131,14 +177,15 @@ class _Decoded:
 
 
 class Refused(RuntimeError):
-    """Redis is still being consumed; migrating now could lose or double tasks."""
+    """Redis is still being consumed, or holds another layout than configured; migrating now
+    could lose, strand or double tasks."""
 
 
 # -- planning ---------------------------------------------------------------------------------
 
 
-def _unacked_targets(
-    exchange: str, routing_key: str, bindings: dict[str, set[tuple[str, str]]], known: set[str]
+def unacked_targets(
+    exchange: str, routing_key: str, bindings: Bindings, known: set[str]
 ) -> list[str]:
     """Where kombu would have restored an unacked entry: its binding, else its routing key."""
     bound = sorted(q for q, pairs in bindings.items() if (exchange, routing_key) in pairs)
@@ -148,35 +195,106 @@ def _unacked_targets(
 
 
 def make_plan(source: RedisSource, queues: QueueSettings, options: MigrateOptions) -> Plan:
-    bindings = source.bound_queues()
-    origins: dict[str, str] = {}
+    """Read-only: what is where, what would be refused, skipped or moved."""
+    survey = source.survey()
+    layout = source.layout
+    known = set(queues.names) | set(options.queues) | survey.list_queues | set(survey.bindings)
+    origins = _origins(survey, queues, options)
+    wanted = {name: layout.bucket_keys(name) for name in origins}
+    wrong = _wrong_types(source, survey, wanted)
+    readable = {n: {s: k for s, k in keys.items() if k not in wrong} for n, keys in wanted.items()}
+    flat = [k for keys in readable.values() for k in keys.values()]
+    lengths = dict(zip(flat, source.lengths(flat), strict=True))
+    plans = {
+        name: QueuePlan(
+            queues.spec(name),
+            origin,
+            {s: lengths[k] for s, k in readable[name].items()},
+            readable[name],
+        )
+        for name, origin in origins.items()
+    }
+    unacked_readable = layout.unacked not in wrong and layout.unacked_index not in wrong
+    targeted: set[str] = set()
+    if options.include_unacked and unacked_readable:
+        for entry in source.unacked():
+            for target in _entry_targets(entry, survey.bindings, known):
+                targeted.add(target)
+                if target in plans:
+                    plans[target].unacked += 1
+    problems = _layout_problems(survey, layout, options)
+    for name in (q for q in options.queues if q in plans):
+        found = plans[name].total or name in survey.bindings or name in targeted
+        if not found and not _bad(wanted[name], wrong):
+            problems.append(
+                f"--queue {name!r} is nowhere in Redis (no list in any priority bucket, no"
+                " binding, no unacked entry): check its spelling and the transport options"
+            )
+    fresh = source.fresh_unacked(options.fresh_unacked_seconds) if unacked_readable else 0
+    return Plan(
+        queues=list(plans.values()),
+        unacked_total=sum(p.unacked for p in plans.values()),
+        live_consumers=source.live_consumers(options.recent_consumer_seconds),
+        fresh_unacked=fresh if options.include_unacked else 0,
+        bindings=survey.bindings,
+        layout=layout,
+        known=known,
+        skipped=dict(survey.skipped),
+        wrong_type=wrong,
+        layout_problems=problems,
+        unacked_readable=unacked_readable,
+    )
+
+
+def _origins(survey: Survey, queues: QueueSettings, options: MigrateOptions) -> dict[str, str]:
+    """queue -> why it is in the plan; Celery's control traffic never is."""
     if options.queues:
         origins = dict.fromkeys(options.queues, "requested")
     else:
         origins = dict.fromkeys(queues.names, "configured")
-        for name in sorted(source.list_queues()):
+        for name in sorted(survey.list_queues):
             origins.setdefault(name, "redis")
-        for name in sorted(bindings):
+        for name in sorted(survey.bindings):
             origins.setdefault(name, "binding")
-    plans = {
-        name: QueuePlan(
-            queues.spec(name), origin, {s: source.length(name, s) for s in PRIORITY_STEPS}
+    return {name: why for name, why in origins.items() if name not in survey.skipped}
+
+
+def _wrong_types(
+    source: RedisSource, survey: Survey, wanted: dict[str, dict[int, str]]
+) -> dict[str, str]:
+    """Keys kombu would read that hold another Redis type: named, then left alone."""
+    layout = source.layout
+    expected = {k: "list" for keys in wanted.values() for k in keys.values()}
+    expected.update({layout.unacked: "hash", layout.unacked_index: "zset"})
+    wrong = dict(survey.wrong_type)
+    for key, kind in source.types(list(expected)).items():
+        if kind not in (expected[key], "none"):
+            wrong[key] = kind
+    return wrong
+
+
+def _layout_problems(survey: Survey, layout: KombuLayout, options: MigrateOptions) -> list[str]:
+    problems = list(survey.mismatches)
+    if survey.foreign_prefixes and not options.queues:
+        shown = ", ".join(repr(p) for p in sorted(survey.foreign_prefixes))
+        problems.append(
+            f"Redis holds kombu keys under global_keyprefix {shown}, not"
+            f" {layout.global_keyprefix!r}: set global_keyprefix as the app does"
+            " (or select queues with --queue)"
         )
-        for name, origin in origins.items()
-    }
-    unacked_total = 0
-    if options.include_unacked:
-        for entry in source.unacked():
-            try:
-                _, exchange, routing_key = split_unacked(entry.value)
-            except MalformedMessage:
-                continue
-            for target in _unacked_targets(exchange, routing_key, bindings, set(plans)):
-                if target in plans:
-                    plans[target].unacked += 1
-                    unacked_total += 1
-    fresh = source.fresh_unacked(options.fresh_unacked_seconds) if options.include_unacked else 0
-    return Plan(list(plans.values()), unacked_total, source.live_consumers(), fresh, bindings)
+    return problems
+
+
+def _bad(keys: dict[int, str], wrong: dict[str, str]) -> bool:
+    return any(k in wrong for k in keys.values())
+
+
+def _entry_targets(entry: UnackedEntry, bindings: Bindings, known: set[str]) -> list[str]:
+    try:
+        _, exchange, routing_key = split_unacked(entry.value)
+    except MalformedMessage:
+        return []
+    return unacked_targets(exchange, routing_key, bindings, known)
 
 
 # -- moving -----------------------------------------------------------------------------------
@@ -199,26 +317,56 @@ class Migration:
         self.options = options
         self.progress = progress or (lambda queue, n: None)
         self.report = Report()
+        self.lock: RunLock | None = None
 
     def run(self, plan: Plan) -> Report:
+        """Refusals first (nothing touched), then the run lock, then the moves."""
         started = time.monotonic()
+        if plan.layout_refusal:
+            raise Refused(plan.layout_refusal)
         if plan.refusal and not self.options.force:
             raise Refused(plan.refusal)
+        self.lock = RunLock(self.source, self.options.lock_ttl_seconds)
+        try:
+            self.report.taken_over_from = self.lock.acquire()
+            self.lock.start()
+            self._run_locked(plan)
+        finally:
+            self.lock.release()
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    def _run_locked(self, plan: Plan) -> None:
         self.source.adopt_crashed_inflight()
         self.report.possible_duplicates = self.source.possible_duplicates()
+        self.report.adopted_duplicates = len(self.report.possible_duplicates)
+        self.report.skipped = dict(plan.skipped)
+        self.report.wrong_type = dict(plan.wrong_type)
         with AmqpSink(self.broker) as sink:
             for queue_plan in plan.queues:
                 sink.declare(queue_plan.spec)
                 self.report.migrated.setdefault(queue_plan.spec.name, 0)
             selected = {q.spec.name: q.spec for q in plan.queues}
-            if self.options.include_unacked:
-                self._move_unacked(sink, selected, plan.bindings)
+            if self.options.include_unacked and plan.unacked_readable:
+                with self.source.unacked_mutex() as mutex:
+                    self._move_unacked(sink, selected, plan, mutex)
             for queue_plan in plan.queues:
-                for step in PRIORITY_STEPS:
-                    self._move_list(sink, queue_plan.spec, step)
-        self.source.clear_possible_duplicates()
-        self.report.seconds = time.monotonic() - started
-        return self.report
+                for key in queue_plan.keys.values():
+                    self._move_list(sink, queue_plan.spec, key)
+        self.report.remaining = self._remaining(plan)
+
+    def _remaining(self, plan: Plan) -> dict[str, int]:
+        """Read the selected queues again: completeness is checked, not assumed."""
+        keys = [k for q in plan.queues for k in q.keys.values()]
+        left = {k: n for k, n in zip(keys, self.source.lengths(keys), strict=True) if n}
+        if self.options.include_unacked and plan.unacked_readable:
+            selected = {q.spec.name for q in plan.queues}
+            for entry in self.source.unacked():
+                for target in _entry_targets(entry, plan.bindings, plan.known):
+                    if target in selected:
+                        where = f"{self.source.layout.unacked} (queue {target})"
+                        left[where] = left.get(where, 0) + 1
+        return left
 
     def _decode(self, raw: bytes, spec: QueueSpec) -> AmqpMessage:
         return decode(
@@ -227,6 +375,7 @@ class Migration:
             max_priority=spec.max_priority,
             binding=(spec.exchange, spec.routing_key),
             max_size=self.options.max_message_size,
+            layout=self.source.layout,
         )
 
     def _decode_batch(self, batch: Sequence[bytes], spec: QueueSpec) -> _Decoded:
@@ -239,73 +388,92 @@ class Migration:
                 decoded.reasons.append(exc.reason)
         return decoded
 
-    def _move_list(self, sink: AmqpSink, spec: QueueSpec, step: int) -> None:
+    def _move_list(self, sink: AmqpSink, spec: QueueSpec, key: str) -> None:
         """Batch after batch; the next one is read and decoded while RabbitMQ confirms."""
-        key = self.source.keys.queue(spec.name, step)
         size = self.options.batch_size
-        current = self._decode_batch(self.source.oldest(spec.name, step, size), spec)
+        current = self._decode_batch(self.source.oldest(key, size), spec)
         while current.entries:
+            self._check_lock()
             self.source.mark_inflight(key, [m.task_id for m in current.messages if m.task_id])
             sink.send(current.messages)
-            upcoming = self.source.following(spec.name, step, len(current.entries), size)
-            following = self._decode_batch(upcoming, spec)
+            following = self._decode_batch(
+                self.source.following(key, len(current.entries), size), spec
+            )
             sink.wait()
             # The Lua script re-checks that `current` is still the tail before removing it.
-            self.source.remove_confirmed(spec.name, step, current.entries, current.quarantine)
+            self.source.remove_confirmed(key, current.entries, current.quarantine)
             self.report.quarantine.extend(QuarantinedEntry(key, r) for r in current.reasons)
             self._count(spec.name, len(current.messages))
             current = following
             if not current.entries:  # late arrivals at the producing end
-                current = self._decode_batch(self.source.oldest(spec.name, step, size), spec)
+                current = self._decode_batch(self.source.oldest(key, size), spec)
+
+    def _check_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.check()
 
     def _move_unacked(
-        self,
-        sink: AmqpSink,
-        selected: dict[str, QueueSpec],
-        bindings: dict[str, set[tuple[str, str]]],
+        self, sink: AmqpSink, selected: dict[str, QueueSpec], plan: Plan, mutex: Any
     ) -> None:
         entries = self.source.unacked()
         for start in range(0, len(entries), self.options.batch_size):
-            self._move_unacked_batch(
-                sink, entries[start : start + self.options.batch_size], selected, bindings
-            )
+            self._check_lock()
+            mutex.extend(self.source.layout.unacked_mutex_expire, replace_ttl=True)
+            batch = entries[start : start + self.options.batch_size]
+            self._move_unacked_batch(sink, batch, selected, plan)
 
     def _move_unacked_batch(
         self,
         sink: AmqpSink,
         entries: Sequence[UnackedEntry],
         selected: dict[str, QueueSpec],
-        bindings: dict[str, set[tuple[str, str]]],
+        plan: Plan,
     ) -> None:
         messages: list[AmqpMessage] = []
-        confirmed: list[str] = []
-        quarantine: list[str] = []
+        moved: list[UnackedEntry] = []
+        ids: dict[str, list[str]] = {}
+        quarantine: list[UnackedEntry] = []
         per_queue: dict[str, int] = {}
         for entry in entries:
-            source = f"unacked[{entry.tag}]"
             try:
-                envelope, exchange, routing_key = split_unacked(entry.value)
-                targets = _unacked_targets(exchange, routing_key, bindings, set(selected))
-                if not targets:
-                    raise MalformedMessage(
-                        f"routes nowhere (exchange {exchange!r}, routing key {routing_key!r})"
-                    )
-                decoded = [self._decode(envelope, selected[t]) for t in targets if t in selected]
+                decoded = self._unacked_messages(entry, selected, plan)
             except MalformedMessage as exc:
-                quarantine.append(entry.tag)
-                self.report.quarantine.append(QuarantinedEntry(source, exc.reason))
+                quarantine.append(entry)
+                self.report.quarantine.append(QuarantinedEntry(f"unacked[{entry.tag}]", exc.reason))
                 continue
             if not decoded:
-                continue  # belongs to a queue that was not selected: left in Redis
+                continue  # belongs (also) to a queue that was not selected: left in Redis
             messages.extend(decoded)
-            confirmed.append(entry.tag)
+            moved.append(entry)
+            ids[entry.tag] = [m.task_id for m in decoded if m.task_id]
             for message in decoded:
                 per_queue[message.routing_key] = per_queue.get(message.routing_key, 0) + 1
         self._publish(sink, "unacked", messages)
-        self.source.remove_unacked(confirmed, quarantine)
+        changed = set(self.source.remove_unacked(moved, quarantine))
+        # Published, but the entry changed or went (a worker restored or acked it) since it
+        # was read: it may now exist twice.
+        doubtful = [i for tag in changed for i in ids.get(tag, [])]
+        self.source.add_possible_duplicates(doubtful)
+        self.report.possible_duplicates.extend(doubtful)
         self.report.unacked_migrated += len(messages)
         for queue, count in per_queue.items():
             self._count(queue, count)
+
+    def _unacked_messages(
+        self, entry: UnackedEntry, selected: dict[str, QueueSpec], plan: Plan
+    ) -> list[AmqpMessage]:
+        """The messages one entry becomes; [] if it is not this run's to move."""
+        envelope, exchange, routing_key = split_unacked(entry.value)
+        targets = unacked_targets(exchange, routing_key, plan.bindings, plan.known)
+        if not targets:
+            if self.options.queues:
+                return []  # a selection run does not judge entries of other queues
+            raise MalformedMessage(
+                f"routes nowhere (exchange {exchange!r}, routing key {routing_key!r})"
+            )
+        if not all(t in selected for t in targets):
+            return []
+        return [self._decode(envelope, selected[t]) for t in targets]
 
     def _publish(self, sink: AmqpSink, source: str, messages: Sequence[AmqpMessage]) -> None:
         ids = [m.task_id for m in messages if m.task_id]

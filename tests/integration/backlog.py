@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 from celery import Celery
@@ -13,9 +18,11 @@ from packit_broker.demo.backlog import backdate_unacked, kill_consumer_holding
 
 __all__ = [
     "MALFORMED",
+    "backdate_index",
     "backdate_unacked",
     "clone_many",
     "kill_consumer_holding",
+    "kill_consumer_with_options",
     "producer",
     "send",
 ]
@@ -53,17 +60,42 @@ MALFORMED: dict[str, bytes] = {
 }
 
 
-def producer(redis_url: str, queues: Sequence[str]) -> Celery:
-    """The users' current producer: Celery on Redis with their three queues."""
+def producer(
+    redis_url: str, queues: Sequence[str], transport_options: dict[str, Any] | None = None
+) -> Celery:
+    """The users' current producer: Celery on Redis with their three queues (and, if given,
+    the app's `broker_transport_options`)."""
     from kombu import Exchange, Queue
 
     app = Celery("producer", broker=redis_url)
     app.conf.update(
         task_queues=[Queue(q, Exchange(q), routing_key=q) for q in queues],
         task_default_queue=queues[0],
-        broker_transport_options={"priority_steps": [0, 3, 6, 9]},
+        broker_transport_options=transport_options or {"priority_steps": [0, 3, 6, 9]},
     )
     return app
+
+
+def kill_consumer_with_options(
+    redis_url: str, queue: str, count: int, transport_options: dict[str, Any]
+) -> None:
+    """Like `kill_consumer_holding`, by a kombu consumer configured with `transport_options`."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from kombu import Connection
+        with Connection({redis_url!r}, transport_options={transport_options!r}) as conn:
+            q = conn.SimpleQueue({queue!r})
+            for _ in range({count}):
+                q.get(timeout=10)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=60, env=dict(os.environ))
+
+
+def backdate_index(client: redis.Redis, key: str, seconds: float) -> None:
+    """Make every delivery in the unacked index `key` look `seconds` older."""
+    for tag, score in client.zrange(key, 0, -1, withscores=True):
+        client.zadd(key, {tag: score - seconds})
 
 
 def send(app: Celery, queue: str, label: str, **options: object) -> str:

@@ -1,0 +1,50 @@
+"""The command's own safety nets: the report path and the exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+
+from packit_broker.commands.migrate import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_QUARANTINED,
+    _check_report_path,
+    _exit_code,
+    _layout,
+    _write_atomically,
+)
+from packit_broker.migrate.run import QuarantinedEntry, Report
+
+
+def test_report_path_is_checked_before_the_run(tmp_path: Path) -> None:
+    _check_report_path(tmp_path / "report.json")
+    with pytest.raises(click.UsageError, match="does not exist"):
+        _check_report_path(tmp_path / "missing" / "report.json")
+    with pytest.raises(click.UsageError, match="is a directory"):
+        _check_report_path(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+
+
+def test_report_is_replaced_whole(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    _write_atomically(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_exit_code_says_what_is_left() -> None:
+    assert _exit_code(Report()) == EXIT_OK
+    assert _exit_code(Report(quarantine=[QuarantinedEntry("q", "bad")])) == EXIT_QUARANTINED
+    assert _exit_code(Report(remaining={"q": 1})) == EXIT_INCOMPLETE
+    assert _exit_code(Report(wrong_type={"q": "hash"})) == EXIT_INCOMPLETE
+
+
+def test_key_prefix_folds_into_the_transport_options() -> None:
+    assert _layout(None, "app1:").global_keyprefix == "app1:"
+    assert _layout('{"global_keyprefix": "app1:"}', "app1:").global_keyprefix == "app1:"
+    with pytest.raises(click.UsageError, match="disagree"):
+        _layout('{"global_keyprefix": "a:"}', "b:")
