@@ -4,12 +4,19 @@ What matters for clients (see ../shared/research.md): a `mode tcp` frontend that
 5 s for a ClientHello, picks the backend by the exact, lower-cased SNI, and hands anything else
 (no SNI, unknown host) to a TLS-terminating HTTP frontend holding the router's own wildcard
 certificate; `timeout client/server 30s` until then, `timeout tunnel` afterwards.
+
+A Route whose Service has several endpoints (a RabbitMQ cluster) gets what the router's template
+gives a passthrough backend: `balance source` (or the Route's balance annotation),
+`hash-type consistent`, `timeout check 5000ms` and a TCP health check every 5000 ms on each
+server (HAProxy's default `fall 3`/`rise 2`): a dead pod is taken out within ~15 s, and the
+router never closes the client side of a session whose server went away silently (a network cut):
+only the client's AMQP heartbeat notices that.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +26,14 @@ from packit_broker.config import HostPort
 TUNNEL_TIMEOUT_ANNOTATION = "haproxy.router.openshift.io/timeout-tunnel"
 TIMEOUT_ANNOTATION = "haproxy.router.openshift.io/timeout"
 ALLOWLIST_ANNOTATION = "haproxy.router.openshift.io/ip_allowlist"
+BALANCE_ANNOTATION = "haproxy.router.openshift.io/balance"
+CHECK_INTERVAL_ANNOTATION = "router.openshift.io/haproxy.health.check.interval"
 DEFAULT_TUNNEL_TIMEOUT = "1h"
+#: The router's defaults for a passthrough backend (ROUTER_TCP_BALANCE_SCHEME,
+#: ROUTER_BACKEND_CHECK_INTERVAL).
+DEFAULT_BALANCE = "source"
+DEFAULT_CHECK_INTERVAL = "5000ms"
+BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "source", "random")
 _TIMEOUT = re.compile(r"^\d+(us|ms|s|m|h|d)?$")
 
 
@@ -30,6 +44,14 @@ class PassthroughRoute:
     backend: HostPort
     tunnel_timeout: str = DEFAULT_TUNNEL_TIMEOUT
     allowlist: tuple[str, ...] = ()
+    #: The Service's other endpoints (pods), after `backend`: a cluster behind one Route.
+    more_backends: tuple[HostPort, ...] = ()
+    balance: str = DEFAULT_BALANCE
+    check_interval: str = DEFAULT_CHECK_INTERVAL
+
+    @property
+    def backends(self) -> tuple[HostPort, ...]:
+        return (self.backend, *self.more_backends)
 
 
 @dataclass(frozen=True)
@@ -49,7 +71,13 @@ def _route_backend(route: PassthroughRoute) -> list[str]:
     if route.allowlist:
         lines.append(f"  acl allowlist src {' '.join(route.allowlist)}")
         lines.append("  tcp-request content reject if !allowlist")
-    lines.append(f"  server pod {route.backend} weight 1")
+    servers = route.backends
+    if len(servers) == 1:  # the router health-checks only when there is a choice
+        lines.append(f"  server pod {route.backend} weight 1")
+        return lines
+    lines += [f"  balance {route.balance}", "  hash-type consistent", "  timeout check 5000ms"]
+    for number, server in enumerate(servers):
+        lines.append(f"  server pod{number} {server} weight 1 check inter {route.check_interval}")
     return lines
 
 
@@ -94,8 +122,22 @@ def haproxy_config(config: RouterConfig) -> str:
     return "\n".join(lines)
 
 
-def route_from_manifest(route: Mapping[str, Any], backend: HostPort) -> PassthroughRoute:
-    """Read host and router annotations from a rendered `Route` object (passthrough only)."""
+def _annotation(
+    annotations: Mapping[str, Any], key: str, default: str, valid: Callable[[str], bool], name: str
+) -> str:
+    value = str(annotations.get(key) or default)
+    if not valid(value):
+        raise ValueError(f"Route {name}: bad {key} {value!r}")
+    return value
+
+
+def route_from_manifest(
+    route: Mapping[str, Any], backend: HostPort, more_backends: Sequence[HostPort] = ()
+) -> PassthroughRoute:
+    """Read host and router annotations from a rendered `Route` object (passthrough only).
+
+    `backend` and `more_backends` are the endpoints of the Service the Route points at.
+    """
     spec = route.get("spec", {})
     termination = spec.get("tls", {}).get("termination")
     if termination != "passthrough":
@@ -106,10 +148,24 @@ def route_from_manifest(route: Mapping[str, Any], backend: HostPort) -> Passthro
     if not _TIMEOUT.match(timeout):
         raise ValueError(f"Route {route['metadata']['name']}: bad timeout {timeout!r}")
     allowlist = tuple(annotations.get(ALLOWLIST_ANNOTATION, "").split())
+    name = str(route["metadata"]["name"])
+    balance = _annotation(
+        annotations, BALANCE_ANNOTATION, DEFAULT_BALANCE, BALANCE_ALGORITHMS.__contains__, name
+    )
+    interval = _annotation(
+        annotations,
+        CHECK_INTERVAL_ANNOTATION,
+        DEFAULT_CHECK_INTERVAL,
+        lambda v: bool(_TIMEOUT.match(v)),
+        name,
+    )
     return PassthroughRoute(
-        name=str(route["metadata"]["name"]),
+        name=name,
         host=str(spec["host"]),
         backend=backend,
         tunnel_timeout=timeout,
         allowlist=allowlist,
+        more_backends=tuple(more_backends),
+        balance=balance,
+        check_interval=interval,
     )
