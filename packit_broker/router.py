@@ -60,10 +60,19 @@ class RouterConfig:
     default_cert_pem: Path  # the router's own certificate (key + chain)
     sni_socket: Path  # unix socket of the internal TLS-terminating frontend
     routes: tuple[PassthroughRoute, ...] = field(default_factory=tuple)
+    #: HAProxy's runtime API (the router's `stats socket ... level admin`), if wanted: the rig
+    #: takes a pod out of a backend through it, as a Service's endpoints change.
+    admin_socket: Path | None = None
 
 
 def _backend_name(route: PassthroughRoute) -> str:
     return "be_tcp_" + re.sub(r"[^A-Za-z0-9_]", "_", route.name)
+
+
+def server_name(route: PassthroughRoute, index: int) -> str:
+    """`backend/server` of the route's `index`th endpoint, for HAProxy's runtime API."""
+    server = "pod" if len(route.backends) == 1 else f"pod{index}"
+    return f"{_backend_name(route)}/{server}"
 
 
 def _route_backend(route: PassthroughRoute) -> list[str]:
@@ -86,6 +95,11 @@ def haproxy_config(config: RouterConfig) -> str:
     lines = [
         "global",
         "  maxconn 4096",
+        *(
+            [f"  stats socket {config.admin_socket} mode 600 level admin"]
+            if config.admin_socket
+            else []
+        ),
         "defaults",
         "  mode tcp",
         "  timeout connect 5s",

@@ -27,17 +27,18 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from packit_broker.config import HostPort
-from packit_broker.router import route_from_manifest
+from packit_broker.router import PassthroughRoute, route_from_manifest, server_name
 from packit_broker.stack.certs import Pki
 from packit_broker.stack.processes import Process, StackError, free_port, require, wait_until
 from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, node_env
-from packit_broker.stack.router_process import start_router
+from packit_broker.stack.router_process import runtime_command, start_router
 from tests.rig.rendered import RenderedBroker, local_rabbitmq_conf
 
 PREFIX = "pkbc"  # names of our namespaces and links: pkbc<pid>...
@@ -47,6 +48,12 @@ DIST_PORT = 25672
 PROMETHEUS_PORT = 15692
 #: RFC 5737 documentation ranges: never routed anywhere, so safe for a private bridge.
 CANDIDATE_NETWORKS = ("198.51.100.0/24", "203.0.113.0/24")
+#: A Pod that dies or is being deleted leaves the Service's endpoints (kubelet -> endpoints
+#: controller -> router reload; the OpenShift router reloads at most every RELOAD_INTERVAL,
+#: 5 s): the router stops sending new connections to it after about this long, before its
+#: health checks (3 x 5 s) would notice. A network cut changes no endpoint: only the health
+#: checks take a cut-off pod out.
+ENDPOINTS_DELAY = 5.0
 
 
 def _ip(*args: str, check: bool = True) -> str:
@@ -195,7 +202,9 @@ class NamespaceCluster:
         self.replicas = replicas
         self.hosts: list[Host] = []
         self.router: Process | None = None
+        self.route: PassthroughRoute | None = None
         self.router_port = 0
+        self._timers: list[threading.Timer] = []
         self.started_in = 0.0
 
     # -- credentials ------------------------------------------------------------------------
@@ -314,13 +323,52 @@ class NamespaceCluster:
         route = route_from_manifest(
             self.broker.route, first.amqps, tuple(host.amqps for host in others)
         )
+        self.route = route
         self.router_port = free_port()
         self.router = start_router(
-            Path(f"/tmp/{self.tag}-router"),  # short: the unix socket path limit
+            self.router_folder,
             self.router_port,
             self.pki.router_default_pem,
             (route,),
+            admin=True,
         )
+
+    @property
+    def router_folder(self) -> Path:
+        return Path(f"/tmp/{self.tag}-router")  # short: the unix socket path limit
+
+    def set_endpoint(self, host: Host, ready: bool) -> None:
+        """Put the host's pod into (ready) or out of (maint) the router's backend now."""
+        if self.router is None or self.route is None or not self.router.running:
+            return
+        state = "ready" if ready else "maint"
+        runtime_command(
+            self.router_folder, f"set server {server_name(self.route, host.index)} state {state}"
+        )
+
+    def _leave_endpoints(self, host: Host) -> None:
+        timer = threading.Timer(ENDPOINTS_DELAY, self.set_endpoint, (host, False))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+
+    def endpoint_states(self) -> dict[str, str]:
+        """Each pod's state in the router: UP, DOWN (health check), MAINT (not an endpoint)."""
+        if self.router is None or self.route is None:
+            return {}
+        out = runtime_command(self.router_folder, "show servers state")
+        states: dict[str, str] = {}
+        for host in self.hosts:
+            backend, server = server_name(self.route, host.index).split("/")
+            for line in out.splitlines():
+                fields = line.split()
+                if len(fields) > 6 and fields[1] == backend and fields[3] == server:
+                    admin = int(fields[6])
+                    operational = int(fields[5])
+                    states[host.node] = (
+                        "MAINT" if admin & 1 else ("UP" if operational == 2 else "DOWN")
+                    )
+        return states
 
     def ready(self, host: Host) -> bool:
         return amqps_login(
@@ -356,10 +404,12 @@ class NamespaceCluster:
 
     def stop(self) -> None:
         """Router, nodes, epmds, then namespaces and the bridge: nothing is left behind."""
+        for timer in self._timers:
+            timer.cancel()
         if self.router is not None:
             self.router.stop()
             self.router = None
-            shutil.rmtree(f"/tmp/{self.tag}-router", ignore_errors=True)
+            shutil.rmtree(self.router_folder, ignore_errors=True)
         for host in self.hosts:
             host.server.stop(timeout=15)
             host.epmd.stop()
@@ -369,11 +419,16 @@ class NamespaceCluster:
     # -- fault controls ---------------------------------------------------------------------
 
     def kill(self, host: Host) -> None:
-        """SIGKILL the node (OOM kill, node crash)."""
+        """SIGKILL the node (OOM kill, a crash); its pod leaves the endpoints shortly after."""
         host.server.kill()
+        self._leave_endpoints(host)
 
     def stop_gracefully(self, host: Host, timeout: float = 120) -> None:
-        """What the kubelet does: the template's preStop hook, then SIGTERM and wait."""
+        """What the kubelet does: the template's preStop hook, then SIGTERM and wait.
+
+        The pod, terminating, leaves the Service's endpoints at the same time.
+        """
+        self._leave_endpoints(host)
         if self.broker.pre_stop:
             subprocess.run(
                 self._in_netns(host.netns, self.broker.pre_stop),
@@ -387,8 +442,12 @@ class NamespaceCluster:
         host.server.stop(timeout=timeout)
 
     def start_node(self, host: Host, timeout: float = 90) -> None:
+        """Start the node; once it accepts logins (readiness), it is an endpoint again."""
+        for timer in self._timers:
+            timer.join()  # an earlier removal must not land after this return
         host.server.start()
         self.wait_ready(host, timeout)
+        self.set_endpoint(host, True)
 
     def cut(self, host: Host) -> None:
         """Take the host off the network: its link goes down, packets are silently dropped."""
@@ -421,11 +480,8 @@ class NamespaceCluster:
 
     def connections_per_node(self, host: Host) -> dict[str, int]:
         """How many client connections each node holds, as `host` sees it."""
-        out = self.ctl(host, "list_connections", "node", "--formatter", "json", "--quiet")
-        counts = {h.node: 0 for h in self.hosts}
-        for row in json.loads(out or "[]"):
-            counts[str(row["node"])] = counts.get(str(row["node"]), 0) + 1
-        return counts
+        out = self.ctl(host, "eval", "[node(P) || P <- rabbit_networking:connections()].")
+        return {h.node: out.count(f"'{h.node}'") for h in self.hosts}
 
     def host_of(self, node: str) -> Host:
         return next(h for h in self.hosts if h.node == node)
