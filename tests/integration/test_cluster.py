@@ -424,7 +424,7 @@ def test_migrate_while_its_node_is_killed_then_rerun_loses_nothing(
     victim = most_connected(cluster)
     cluster.kill(victim)
     _, stderr = proc.communicate(timeout=300)
-    first = (proc.returncode, stderr.strip().splitlines()[-1:] if stderr.strip() else [])
+    first = (proc.returncode, [line.strip() for line in stderr.splitlines() if line.strip()])
     assert cluster.password not in stderr
     reruns: list[tuple[int, str]] = []
     report_file = tmp_path / "report.json"
@@ -443,7 +443,7 @@ def test_migrate_while_its_node_is_killed_then_rerun_loses_nothing(
     duplicates = {task_id for task_id, n in delivered.items() if n > 1}
     CLUSTER_REPORT.append(
         f"migrate of 20000 with its node SIGKILLed: first run exit {first[0]}"
-        f" ({first[1][0][:120] if first[1] else 'no message'}), reruns {[c for c, _ in reruns]},"
+        f" ({' / '.join(first[1])[:300] or 'no message'}), reruns {[c for c, _ in reruns]},"
         f" lost {len(lost)}, duplicates {len(duplicates)} (all listed in the report:"
         f" {duplicates <= set(report['possible_duplicates'])})"
     )

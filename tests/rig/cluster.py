@@ -384,12 +384,12 @@ class NamespaceCluster:
         wait_until(lambda: self.ready(host), host.server, timeout, f"rabbitmq {host.node}")
 
     def running_nodes(self, host: Host) -> set[str]:
-        """The nodes `host` sees running (empty if it cannot tell)."""
+        """The nodes `host` sees running (empty if it cannot tell); RabbitMQ 3.10 to 4.x."""
         try:
-            out = self.ctl(host, "eval", "rabbit_nodes:all_running().", timeout=20)
-        except (StackError, subprocess.TimeoutExpired):
+            out = self.ctl(host, "cluster_status", "--formatter", "json", timeout=20)
+            return {str(node) for node in json.loads(out).get("running_nodes", [])}
+        except (StackError, subprocess.TimeoutExpired, ValueError):
             return set()
-        return {h.node for h in self.hosts if f"'{h.node}'" in out}
 
     def wait_clustered(self, timeout: float = 90) -> None:
         """Until every running node sees all the others running."""
