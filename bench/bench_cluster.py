@@ -43,6 +43,7 @@ def throughput(cluster: NamespaceCluster, folder: Path, tasks: int) -> float:
     """Tasks/s from the first publish until the last task ran (producer and workers at once)."""
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     env = client_env(cluster, queue)
+    folder.mkdir(parents=True, exist_ok=True)
     labels = [f"t{i}" for i in range(tasks)]
     with workers(env, queue, folder) as pool:
         warm = Producer(producer_app(env), ["warm-up"])
@@ -61,6 +62,7 @@ def node_loss(cluster: NamespaceCluster, folder: Path, tasks: int) -> tuple[floa
     """(baseline tasks/s, lowest 1-s rate after the kill, seconds until >= 80% again)."""
     queue = f"bench-loss-{uuid.uuid4().hex[:6]}"
     env = client_env(cluster, queue)
+    folder.mkdir(parents=True, exist_ok=True)
     labels = [f"l{i}" for i in range(tasks)]
     with workers(env, queue, folder) as pool:
         Producer(producer_app(env), labels).start()

@@ -85,14 +85,22 @@ def _networks_in_use() -> list[ipaddress.IPv4Network]:
     return used
 
 
-def free_test_network(prefix: int = 28) -> ipaddress.IPv4Network:
-    """A /`prefix` of a documentation range that overlaps nothing this machine uses."""
-    used = _networks_in_use()
+def pick_network(used: Sequence[ipaddress.IPv4Network], prefix: int = 28) -> ipaddress.IPv4Network:
+    """The first /`prefix` of the documentation ranges that overlaps none of `used`.
+
+    (The machine's own uplink may well sit in a documentation range: 192.0.2.0/24, TEST-NET-1,
+    is not even a candidate for that reason.)
+    """
     for candidate in CANDIDATE_NETWORKS:
         for subnet in ipaddress.IPv4Network(candidate).subnets(new_prefix=prefix):
             if not any(subnet.overlaps(net) for net in used):
                 return subnet
     raise StackError(f"no free {CANDIDATE_NETWORKS} subnet: remove stale {PREFIX}* bridges")
+
+
+def free_test_network(prefix: int = 28) -> ipaddress.IPv4Network:
+    """A /`prefix` of a documentation range that overlaps nothing this machine uses."""
+    return pick_network(_networks_in_use(), prefix)
 
 
 def _pid_alive(pid: int) -> bool:
