@@ -8,9 +8,10 @@ certificate; `timeout client/server 30s` until then, `timeout tunnel` afterwards
 A Route whose Service has several endpoints (a RabbitMQ cluster) gets what the router's template
 gives a passthrough backend: `balance source` (or the Route's balance annotation),
 `hash-type consistent`, `timeout check 5000ms` and a TCP health check every 5000 ms on each
-server (HAProxy's default `fall 3`/`rise 2`): a dead pod is taken out within ~15 s, and the
-router never closes the client side of a session whose server went away silently (a network cut):
-only the client's AMQP heartbeat notices that.
+server (HAProxy's default `fall 3`/`rise 2`): a pod that refuses connections is taken out
+after 10-15 s, one that does not answer at all (a network cut) after ~30 s, as each check then
+waits out `timeout check`. The router never closes the client side of a session whose server
+went away silently: only the client's AMQP heartbeat notices that.
 """
 
 from __future__ import annotations
