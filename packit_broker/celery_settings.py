@@ -15,6 +15,7 @@ from packit_broker.config import (
 )
 from packit_broker.database import engine_options, sqlalchemy_url
 from packit_broker.queues import QueueSettings
+from packit_broker.recovery import recovery_settings
 from packit_broker.tls import amqp_ssl_options
 
 
@@ -66,6 +67,7 @@ def result_backend_settings(environ: Mapping[str, str] | None) -> dict[str, Any]
 def celery_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Everything for `app.conf.update(...)`: broker over TLS+SNI, queues, result backend."""
     config = broker_settings(broker_from_env(environ))
+    config.update(recovery_settings(config))  # bounded recovery from a node loss or a cut
     config.update(queue_settings(queues_from_env(environ)))
     config.update(result_backend_settings(environ))
     return config

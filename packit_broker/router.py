@@ -4,12 +4,20 @@ What matters for clients (see ../shared/research.md): a `mode tcp` frontend that
 5 s for a ClientHello, picks the backend by the exact, lower-cased SNI, and hands anything else
 (no SNI, unknown host) to a TLS-terminating HTTP frontend holding the router's own wildcard
 certificate; `timeout client/server 30s` until then, `timeout tunnel` afterwards.
+
+A Route whose Service has several endpoints (a RabbitMQ cluster) gets what the router's template
+gives a passthrough backend: `balance source` (or the Route's balance annotation),
+`hash-type consistent`, `timeout check 5000ms` and a TCP health check every 5000 ms on each
+server (HAProxy's default `fall 3`/`rise 2`): a pod that refuses connections is taken out
+after 10-15 s, one that does not answer at all (a network cut) after ~30 s, as each check then
+waits out `timeout check`. The router never closes the client side of a session whose server
+went away silently: only the client's AMQP heartbeat notices that.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,14 @@ from packit_broker.config import HostPort
 TUNNEL_TIMEOUT_ANNOTATION = "haproxy.router.openshift.io/timeout-tunnel"
 TIMEOUT_ANNOTATION = "haproxy.router.openshift.io/timeout"
 ALLOWLIST_ANNOTATION = "haproxy.router.openshift.io/ip_allowlist"
+BALANCE_ANNOTATION = "haproxy.router.openshift.io/balance"
+CHECK_INTERVAL_ANNOTATION = "router.openshift.io/haproxy.health.check.interval"
 DEFAULT_TUNNEL_TIMEOUT = "1h"
+#: The router's defaults for a passthrough backend (ROUTER_TCP_BALANCE_SCHEME,
+#: ROUTER_BACKEND_CHECK_INTERVAL).
+DEFAULT_BALANCE = "source"
+DEFAULT_CHECK_INTERVAL = "5000ms"
+BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "source", "random")
 _TIMEOUT = re.compile(r"^\d+(us|ms|s|m|h|d)?$")
 
 
@@ -30,6 +45,14 @@ class PassthroughRoute:
     backend: HostPort
     tunnel_timeout: str = DEFAULT_TUNNEL_TIMEOUT
     allowlist: tuple[str, ...] = ()
+    #: The Service's other endpoints (pods), after `backend`: a cluster behind one Route.
+    more_backends: tuple[HostPort, ...] = ()
+    balance: str = DEFAULT_BALANCE
+    check_interval: str = DEFAULT_CHECK_INTERVAL
+
+    @property
+    def backends(self) -> tuple[HostPort, ...]:
+        return (self.backend, *self.more_backends)
 
 
 @dataclass(frozen=True)
@@ -38,10 +61,19 @@ class RouterConfig:
     default_cert_pem: Path  # the router's own certificate (key + chain)
     sni_socket: Path  # unix socket of the internal TLS-terminating frontend
     routes: tuple[PassthroughRoute, ...] = field(default_factory=tuple)
+    #: HAProxy's runtime API (the router's `stats socket ... level admin`), if wanted: the rig
+    #: takes a pod out of a backend through it, as a Service's endpoints change.
+    admin_socket: Path | None = None
 
 
 def _backend_name(route: PassthroughRoute) -> str:
     return "be_tcp_" + re.sub(r"[^A-Za-z0-9_]", "_", route.name)
+
+
+def server_name(route: PassthroughRoute, index: int) -> str:
+    """`backend/server` of the route's `index`th endpoint, for HAProxy's runtime API."""
+    server = "pod" if len(route.backends) == 1 else f"pod{index}"
+    return f"{_backend_name(route)}/{server}"
 
 
 def _route_backend(route: PassthroughRoute) -> list[str]:
@@ -49,7 +81,13 @@ def _route_backend(route: PassthroughRoute) -> list[str]:
     if route.allowlist:
         lines.append(f"  acl allowlist src {' '.join(route.allowlist)}")
         lines.append("  tcp-request content reject if !allowlist")
-    lines.append(f"  server pod {route.backend} weight 1")
+    servers = route.backends
+    if len(servers) == 1:  # the router health-checks only when there is a choice
+        lines.append(f"  server pod {route.backend} weight 1")
+        return lines
+    lines += [f"  balance {route.balance}", "  hash-type consistent", "  timeout check 5000ms"]
+    for number, server in enumerate(servers):
+        lines.append(f"  server pod{number} {server} weight 1 check inter {route.check_interval}")
     return lines
 
 
@@ -58,6 +96,11 @@ def haproxy_config(config: RouterConfig) -> str:
     lines = [
         "global",
         "  maxconn 4096",
+        *(
+            [f"  stats socket {config.admin_socket} mode 600 level admin"]
+            if config.admin_socket
+            else []
+        ),
         "defaults",
         "  mode tcp",
         "  timeout connect 5s",
@@ -94,8 +137,22 @@ def haproxy_config(config: RouterConfig) -> str:
     return "\n".join(lines)
 
 
-def route_from_manifest(route: Mapping[str, Any], backend: HostPort) -> PassthroughRoute:
-    """Read host and router annotations from a rendered `Route` object (passthrough only)."""
+def _annotation(
+    annotations: Mapping[str, Any], key: str, default: str, valid: Callable[[str], bool], name: str
+) -> str:
+    value = str(annotations.get(key) or default)
+    if not valid(value):
+        raise ValueError(f"Route {name}: bad {key} {value!r}")
+    return value
+
+
+def route_from_manifest(
+    route: Mapping[str, Any], backend: HostPort, more_backends: Sequence[HostPort] = ()
+) -> PassthroughRoute:
+    """Read host and router annotations from a rendered `Route` object (passthrough only).
+
+    `backend` and `more_backends` are the endpoints of the Service the Route points at.
+    """
     spec = route.get("spec", {})
     termination = spec.get("tls", {}).get("termination")
     if termination != "passthrough":
@@ -106,10 +163,24 @@ def route_from_manifest(route: Mapping[str, Any], backend: HostPort) -> Passthro
     if not _TIMEOUT.match(timeout):
         raise ValueError(f"Route {route['metadata']['name']}: bad timeout {timeout!r}")
     allowlist = tuple(annotations.get(ALLOWLIST_ANNOTATION, "").split())
+    name = str(route["metadata"]["name"])
+    balance = _annotation(
+        annotations, BALANCE_ANNOTATION, DEFAULT_BALANCE, BALANCE_ALGORITHMS.__contains__, name
+    )
+    interval = _annotation(
+        annotations,
+        CHECK_INTERVAL_ANNOTATION,
+        DEFAULT_CHECK_INTERVAL,
+        lambda v: bool(_TIMEOUT.match(v)),
+        name,
+    )
     return PassthroughRoute(
-        name=str(route["metadata"]["name"]),
+        name=name,
         host=str(spec["host"]),
         backend=backend,
         tunnel_timeout=timeout,
         allowlist=allowlist,
+        more_backends=tuple(more_backends),
+        balance=balance,
+        check_interval=interval,
     )

@@ -17,7 +17,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 have_lists() { compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; }
 available() { apt-cache show "$1" >/dev/null 2>&1; }
 
-packages=(redis-server rabbitmq-server haproxy openssl procps ca-certificates)
+packages=(redis-server rabbitmq-server haproxy openssl procps ca-certificates iproute2) # iproute2: the cluster rig's namespaces
 # Debian's own python3 needs python3-venv for `-m venv`; other Pythons (pyenv) bring it.
 if ! command -v "$PYTHON" >/dev/null || ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
   packages+=(python3 python3-venv)

@@ -24,9 +24,17 @@ def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def router_process(
-    folder: Path, port: int, default_cert_pem: Path, routes: tuple[PassthroughRoute, ...]
+    folder: Path,
+    port: int,
+    default_cert_pem: Path,
+    routes: tuple[PassthroughRoute, ...],
+    *,
+    admin: bool = False,
 ) -> Process:
-    """Write and validate haproxy.cfg under `folder`; the (not yet started) HAProxy process."""
+    """Write and validate haproxy.cfg under `folder`; the (not yet started) HAProxy process.
+
+    With `admin`, HAProxy's runtime API listens on `folder`/admin.sock (see `runtime_command`).
+    """
     binary = require("haproxy", "haproxy")
     folder.mkdir(parents=True, exist_ok=True)
     config = RouterConfig(
@@ -34,6 +42,7 @@ def router_process(
         default_cert_pem=default_cert_pem,
         sni_socket=folder / "fe_sni.sock",
         routes=routes,
+        admin_socket=folder / "admin.sock" if admin else None,
     )
     cfg = folder / "haproxy.cfg"
     cfg.write_text(haproxy_config(config))
@@ -50,10 +59,15 @@ def router_process(
 
 
 def start_router(
-    folder: Path, port: int, default_cert_pem: Path, routes: tuple[PassthroughRoute, ...]
+    folder: Path,
+    port: int,
+    default_cert_pem: Path,
+    routes: tuple[PassthroughRoute, ...],
+    *,
+    admin: bool = False,
 ) -> Process:
     """A running router stand-in on 127.0.0.1:`port`; stopped again if it does not come up."""
-    process = router_process(folder, port, default_cert_pem, routes)
+    process = router_process(folder, port, default_cert_pem, routes, admin=admin)
     process.start()
     try:
         wait_until(lambda: tcp_open(port), process, 20, f"haproxy (router on {port})")
@@ -61,6 +75,18 @@ def start_router(
         process.stop()
         raise
     return process
+
+
+def runtime_command(folder: Path, command: str) -> str:
+    """One command to the HAProxy runtime API of a router started with `admin=True`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(folder / "admin.sock"))
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
 
 
 @contextlib.contextmanager

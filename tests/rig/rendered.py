@@ -42,6 +42,10 @@ class RenderedBroker:
     env: Mapping[str, str] = field(repr=False)  # the container's env from secretKeyRef
     erlang_cookie: str | None = field(repr=False)
     route: Mapping[str, Any]
+    #: The container's literal env values (no `$(...)` references), e.g. RABBITMQ_USE_LONGNAME.
+    plain_env: Mapping[str, str] = field(default_factory=dict)
+    #: The container's preStop hook (argv), as the kubelet runs it before SIGTERM.
+    pre_stop: tuple[str, ...] = ()
 
 
 def _one(rendered: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -72,10 +76,14 @@ def rendered_broker(rendered: Mapping[str, Any]) -> RenderedBroker:
     pod = statefulset["spec"]["template"]["spec"]
     container = next(c for c in pod["containers"] if c["name"] == "rabbitmq")
     env: dict[str, str] = {}
+    plain_env: dict[str, str] = {}
     for item in container.get("env", []):
         ref = (item.get("valueFrom") or {}).get("secretKeyRef")
         if ref:
             env[str(item["name"])] = secret_value(rendered, str(ref["name"]), str(ref["key"]))
+        elif "value" in item and "$(" not in str(item["value"]):
+            plain_env[str(item["name"])] = str(item["value"])
+    pre_stop = ((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}
     config_volume = next(v for v in pod["volumes"] if "configMap" in v)
     config_name = config_volume["configMap"]["name"]
     config_map = next(
@@ -96,6 +104,8 @@ def rendered_broker(rendered: Mapping[str, Any]) -> RenderedBroker:
         env=env,
         erlang_cookie=cookie,
         route=_one(rendered, "Route"),
+        plain_env=plain_env,
+        pre_stop=tuple(str(arg) for arg in pre_stop.get("command", ())),
     )
 
 
@@ -117,24 +127,25 @@ def local_rabbitmq_conf(
     amqps_port: int,
     prometheus_port: int,
     classic_nodes: Sequence[str] = (),
+    listen_host: str = "127.0.0.1",
 ) -> str:
     """The rendered rabbitmq.conf with only the cluster-specific lines rewritten.
 
-    TLS file paths point at `pki`, the TLS listener at 127.0.0.1:`amqps_port`, the k8s peer
+    TLS file paths point at `pki`, the TLS listener at `listen_host`:`amqps_port`, the k8s peer
     discovery backend becomes `classic_config` (with `classic_nodes` as its static list, if
     any; the `cluster_formation.k8s.*` keys stay) and the Prometheus listener (default 15692)
-    moves to 127.0.0.1:`prometheus_port` so nodes do not clash.
+    moves to `listen_host`:`prometheus_port` so nodes do not clash.
     """
     lines = conf.splitlines()
     _replace_key(lines, "ssl_options.cacertfile", str(pki.ca_file))
     _replace_key(lines, "ssl_options.certfile", str(pki.server.cert_file))
     _replace_key(lines, "ssl_options.keyfile", str(pki.server.key_file))
-    _replace_key(lines, "listeners.ssl.default", f"127.0.0.1:{amqps_port}")
+    _replace_key(lines, "listeners.ssl.default", f"{listen_host}:{amqps_port}")
     _replace_key(lines, "cluster_formation.peer_discovery_backend", CLASSIC_BACKEND)
     for number, node in enumerate(classic_nodes, start=1):
         _replace_key(lines, f"cluster_formation.classic_config.nodes.{number}", node, add=True)
     _replace_key(lines, "prometheus.tcp.port", str(prometheus_port), add=True)
-    _replace_key(lines, "prometheus.tcp.ip", "127.0.0.1", add=True)
+    _replace_key(lines, "prometheus.tcp.ip", listen_host, add=True)
     return "\n".join(lines) + "\n"
 
 

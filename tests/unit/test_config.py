@@ -36,10 +36,10 @@ def test_celery_config_sends_sni_and_verifies() -> None:
         "tls_minimum_version": ssl.TLSVersion.TLSv1_2,
     }
     assert config["broker_url"].startswith("amqps://packit:s3cr3t-P%40ss%3A%2Fword@rabbitmq.apps")
-    assert config["broker_heartbeat"] == 60
+    assert config["broker_heartbeat"] == 10  # packit_broker.recovery.HEARTBEAT
     assert config["broker_connection_max_retries"] is None
     assert config["broker_connection_retry_on_startup"] is True
-    assert config["broker_transport_options"] == {"confirm_publish": True}
+    assert config["broker_transport_options"]["confirm_publish"] is True
     assert config["task_default_queue"] == "short-running"
     assert [q.name for q in config["task_queues"]] == [
         "short-running",

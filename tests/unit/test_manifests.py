@@ -372,6 +372,7 @@ def test_rabbitmq_conf_is_tls_only_and_has_the_required_settings() -> None:
         "vm_memory_high_watermark.absolute": "800MB",
         "disk_free_limit.absolute": "2GB",
         "cluster_partition_handling": "pause_minority",
+        "net_ticktime": "15",
         "cluster_formation.peer_discovery_backend": "rabbit_peer_discovery_k8s",
         "cluster_formation.k8s.host": "kubernetes.default.svc",
         "cluster_formation.k8s.address_type": "hostname",

@@ -11,6 +11,8 @@ import pytest
 from packit_broker.config import HostPort
 from packit_broker.router import (
     ALLOWLIST_ANNOTATION,
+    BALANCE_ANNOTATION,
+    CHECK_INTERVAL_ANNOTATION,
     TIMEOUT_ANNOTATION,
     TUNNEL_TIMEOUT_ANNOTATION,
     PassthroughRoute,
@@ -101,9 +103,69 @@ def test_haproxy_accepts_the_config(tmp_path: Path) -> None:
                 bind=HostPort("127.0.0.1", 8443),
                 default_cert_pem=pem,
                 sni_socket=tmp_path / "s.sock",
-                routes=(PassthroughRoute("a", "a.example.com", HostPort("127.0.0.1", 1)),),
+                routes=(
+                    PassthroughRoute("a", "a.example.com", HostPort("127.0.0.1", 1)),
+                    PassthroughRoute(
+                        "b",
+                        "b.example.com",
+                        HostPort("198.51.100.1", 5671),
+                        more_backends=(HostPort("198.51.100.2", 5671),),
+                    ),
+                ),
             )
         )
     )
     check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _cluster_route(**annotations: str) -> PassthroughRoute:
+    return route_from_manifest(
+        route(**annotations),
+        HostPort("198.51.100.1", 5671),
+        (HostPort("198.51.100.2", 5671), HostPort("198.51.100.3", 5671)),
+    )
+
+
+def _backend_lines(passthrough: PassthroughRoute, tmp_path: Path) -> list[str]:
+    text = haproxy_config(
+        RouterConfig(
+            HostPort("127.0.0.1", 8443), tmp_path / "d.pem", tmp_path / "s", (passthrough,)
+        ),
+    )
+    backend = text.split("backend be_tcp_rabbitmq\n", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in backend.splitlines()]
+
+
+def test_a_service_with_several_pods_is_balanced_by_source_with_health_checks(
+    tmp_path: Path,
+) -> None:
+    """As the OpenShift router's passthrough backend: balance source, consistent hashing,
+    a TCP check every 5000 ms on each endpoint."""
+    lines = _backend_lines(_cluster_route(), tmp_path)
+    assert "balance source" in lines and "hash-type consistent" in lines
+    assert "timeout check 5000ms" in lines
+    assert [line for line in lines if line.startswith("server")] == [
+        "server pod0 198.51.100.1:5671 weight 1 check inter 5000ms",
+        "server pod1 198.51.100.2:5671 weight 1 check inter 5000ms",
+        "server pod2 198.51.100.3:5671 weight 1 check inter 5000ms",
+    ]
+
+
+def test_a_single_pod_is_not_health_checked(tmp_path: Path) -> None:
+    """The router adds `check` only when the Service has more than one endpoint."""
+    single = route_from_manifest(route(), HostPort("127.0.0.1", 5671))
+    lines = _backend_lines(single, tmp_path)
+    assert lines[-1] == "server pod 127.0.0.1:5671 weight 1"
+    assert not any(line.startswith("balance") for line in lines)
+
+
+def test_balance_and_check_interval_annotations(tmp_path: Path) -> None:
+    custom = _cluster_route(**{BALANCE_ANNOTATION: "roundrobin", CHECK_INTERVAL_ANNOTATION: "2s"})
+    lines = _backend_lines(custom, tmp_path)
+    assert "balance roundrobin" in lines
+    assert "server pod2 198.51.100.3:5671 weight 1 check inter 2s" in lines
+    with pytest.raises(ValueError, match="balance"):
+        _cluster_route(**{BALANCE_ANNOTATION: "uri"})
+    with pytest.raises(ValueError, match="interval"):
+        _cluster_route(**{CHECK_INTERVAL_ANNOTATION: "soon"})

@@ -1,0 +1,142 @@
+"""Benchmark: Celery tasks/s through the router to 1 node vs 3 nodes (quorum queues), and the
+throughput dip and recovery while the most-connected node of the three is SIGKILLed.
+
+Run by hand (root: the rig makes network namespaces):
+`.venv/bin/python -m bench.bench_cluster [--tasks 3000]`.
+Everything in one run on one machine: the same two prefork workers (2 processes each, acks_late,
+prefetch 1, configured by `celery_config()`), one producer publishing with confirms, the same
+rendered template (REPLICAS=1, then 3). Prints a table with ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from packit_broker.render import load_template, process
+from packit_broker.stack.certs import make_pki
+from tests.integration.test_cluster import (
+    Producer,
+    Worker,
+    client_env,
+    most_connected,
+    producer_app,
+    ran,
+    wait_all_ran,
+    workers,
+)
+from tests.rig.cluster import NamespaceCluster
+from tests.rig.rendered import rendered_broker
+
+ROUTE_HOST = "rabbitmq.apps.bench.test"
+
+
+def done(pool: list[Worker]) -> int:
+    return sum(ran(pool).values())
+
+
+def throughput(cluster: NamespaceCluster, folder: Path, tasks: int) -> float:
+    """Tasks/s from the first publish until the last task ran (producer and workers at once)."""
+    queue = f"bench-{uuid.uuid4().hex[:6]}"
+    env = client_env(cluster, queue)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = [f"t{i}" for i in range(tasks)]
+    with workers(env, queue, folder) as pool:
+        warm = Producer(producer_app(env), ["warm-up"])
+        warm.run()
+        wait_all_ran(pool, ["warm-up"], 60)
+        began = time.monotonic()
+        Producer(producer_app(env), labels).start()
+        runs = wait_all_ran(pool, [*labels, "warm-up"], 600)
+        elapsed = time.monotonic() - began
+    missing = [label for label in labels if label not in runs]
+    assert not missing, f"{len(missing)} tasks did not run"
+    return tasks / elapsed
+
+
+def node_loss(cluster: NamespaceCluster, folder: Path, tasks: int) -> tuple[float, float, float]:
+    """(baseline tasks/s, lowest 1-s rate after the kill, seconds until >= 80% again)."""
+    queue = f"bench-loss-{uuid.uuid4().hex[:6]}"
+    env = client_env(cluster, queue)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = [f"l{i}" for i in range(tasks)]
+    with workers(env, queue, folder) as pool:
+        Producer(producer_app(env), labels).start()
+        while done(pool) < tasks // 5:
+            time.sleep(0.2)
+        start_count, start = done(pool), time.monotonic()
+        time.sleep(5)
+        baseline = (done(pool) - start_count) / (time.monotonic() - start)
+        victim = most_connected(cluster)
+        killed = time.monotonic()
+        cluster.kill(victim)
+        samples: list[tuple[float, int]] = [(killed, done(pool))]
+        while done(pool) < tasks and time.monotonic() - killed < 120:
+            time.sleep(1)
+            samples.append((time.monotonic(), done(pool)))
+        cluster.start_node(victim)
+        wait_all_ran(pool, labels, 300)
+    rates = [
+        (t1 - killed, (n1 - n0) / (t1 - t0)) for (t0, n0), (t1, n1) in itertools.pairwise(samples)
+    ]
+    lowest = min(rate for _, rate in rates) if rates else 0.0
+    back = next(
+        (
+            t
+            for i, (t, _) in enumerate(rates)
+            if i >= 2 and sum(r for _, r in rates[i - 2 : i + 1]) / 3 >= 0.8 * baseline
+        ),
+        float("inf"),
+    )
+    return baseline, lowest, back
+
+
+def run(tasks: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    pki = make_pki(root / "pki", (ROUTE_HOST,), "apps.bench.test")
+    results: dict[str, float] = {}
+    for replicas in (1, 3):
+        rendered = process(
+            load_template("rabbitmq"), {"ROUTE_HOST": ROUTE_HOST, "REPLICAS": str(replicas)}
+        )
+        cluster = NamespaceCluster(
+            root / f"n{replicas}",
+            rendered_broker(rendered),
+            pki,
+            server_hostname=ROUTE_HOST,
+            replicas=replicas,
+        )
+        cluster.start()
+        try:
+            results[f"start{replicas}"] = cluster.started_in
+            results[f"rate{replicas}"] = throughput(cluster, root / f"w{replicas}", tasks)
+            if replicas == 3:
+                base, low, back = node_loss(cluster, root / "loss", tasks * 2)
+                results.update(base=base, low=low, back=back)
+        finally:
+            cluster.stop()
+    print(f"tasks per run: {tasks} (node loss: {tasks * 2}); 2 prefork workers x 2 processes")
+    print(f"{'measure':58} {'value':>10}")
+    print(f"{'cluster start, 1 node (s)':58} {results['start1']:10.1f}")
+    print(f"{'cluster start, 3 nodes (s)':58} {results['start3']:10.1f}")
+    print(f"{'tasks/s, 1 node, quorum queue':58} {results['rate1']:10.0f}")
+    print(f"{'tasks/s, 3 nodes, quorum queue (3 replicas)':58} {results['rate3']:10.0f}")
+    print(f"{'ratio 3 nodes / 1 node':58} {results['rate3'] / results['rate1']:10.2f}")
+    print(f"{'tasks/s before the node loss (3 nodes)':58} {results['base']:10.0f}")
+    print(f"{'lowest 1-s rate after SIGKILL':58} {results['low']:10.0f}")
+    print(f"{'dip: lowest / before':58} {results['low'] / results['base']:10.2f}")
+    print(f"{'seconds until >= 80% of the rate before (3-s mean)':58} {results['back']:10.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=3000)
+    run(parser.parse_args().tasks)
+
+
+if __name__ == "__main__":
+    main()

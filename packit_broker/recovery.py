@@ -1,0 +1,78 @@
+"""Client timeouts that bound how long a node loss or a network cut can hold a client up.
+
+Measured on a three-node cluster behind a router stand-in that balances a passthrough Route as
+the OpenShift router does (tests/integration/test_cluster.py, docs/deploy.md):
+
+- A node that *dies* closes its TCP sessions; the router closes the client's side too, so
+  workers notice at once and reconnect. The router sends the reconnect (same source address,
+  `balance source`) to the dead pod until its health check has failed 3 times at 5 s, or the pod
+  has left the Service's endpoints; Celery retries after 2, 4, 6, ... s.
+- A node that is *cut off* (or paused by `pause_minority`) sends nothing and closes nothing: the
+  router keeps the client's side of the session open. Only the AMQP heartbeat notices: a
+  connection counts as dead after two missed heartbeats. With RabbitMQ's 60 s that is 2 min of a
+  worker sitting idle; with `HEARTBEAT` (10 s) it is 20-25 s, during which the router already
+  marked the cut pod down, so the worker is back before a 30 s cut heals.
+- A publisher waiting for a confirm from a node that was cut off used to block ~30 s and then
+  raise. `READ_TIMEOUT` bounds every wait for the broker; Celery then reconnects and publishes
+  again (`PUBLISH_RETRY_POLICY`), so `apply_async` returns or raises within
+  `MAX_PUBLISH_BLOCK` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from packit_broker.config import DEFAULT_HEARTBEAT
+
+#: AMQP heartbeat (s) that workers propose; the smaller non-zero of client and server wins.
+#: RabbitMQ's guidance is 5-20 s; below 5 s a busy client risks false positives.
+HEARTBEAT = 10
+#: TCP + TLS + AMQP handshake through the router (Celery's `broker_connection_timeout`).
+CONNECT_TIMEOUT = 5.0
+#: Longest wait for one read or write on an established connection (py-amqp's socket
+#: SO_RCVTIMEO/SO_SNDTIMEO), notably for a publisher confirm.
+READ_TIMEOUT = 10.0
+WRITE_TIMEOUT = 5.0
+#: apply_async: reconnect and publish again up to 3 times, 1 s, 2 s, 2 s apart.
+PUBLISH_RETRY_POLICY: Mapping[str, float] = {
+    "max_retries": 3,
+    "interval_start": 1,
+    "interval_step": 1,
+    "interval_max": 2,
+}
+
+
+def max_publish_block() -> float:
+    """Upper bound (s) of one `apply_async` before it returns or raises."""
+    attempts = int(PUBLISH_RETRY_POLICY["max_retries"]) + 1
+    sleeps = sum(
+        min(
+            PUBLISH_RETRY_POLICY["interval_start"] + i * PUBLISH_RETRY_POLICY["interval_step"],
+            PUBLISH_RETRY_POLICY["interval_max"],
+        )
+        for i in range(attempts - 1)
+    )
+    return attempts * (CONNECT_TIMEOUT + READ_TIMEOUT + WRITE_TIMEOUT) + sleeps
+
+
+MAX_PUBLISH_BLOCK = max_publish_block()
+
+
+def recovery_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The Celery settings above, merged into `config`'s broker settings (returned, not set).
+
+    A heartbeat configured away from the package default (PACKIT_BROKER_HEARTBEAT) is kept,
+    0 included (no heartbeats).
+    """
+    heartbeat = config.get("broker_heartbeat", DEFAULT_HEARTBEAT)
+    transport = dict(config.get("broker_transport_options") or {})
+    transport.setdefault("read_timeout", READ_TIMEOUT)
+    transport.setdefault("write_timeout", WRITE_TIMEOUT)
+    return {
+        "broker_heartbeat": HEARTBEAT if heartbeat == DEFAULT_HEARTBEAT else heartbeat,
+        "broker_connection_timeout": CONNECT_TIMEOUT,
+        "broker_transport_options": transport,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": dict(PUBLISH_RETRY_POLICY),
+    }

@@ -1,0 +1,515 @@
+"""Three RabbitMQ "hosts" from the rendered template: one network namespace per node.
+
+What a StatefulSet with `REPLICAS=3` gives, on one machine:
+- each node runs in its own network namespace with its own address on a private bridge (a veth
+  pair per host), its own epmd on 4369, distribution on 25672 and AMQPS on 5671, as a Pod does;
+- the addresses come from a documentation range (RFC 5737 TEST-NET-2/-3) that overlaps no route
+  or address of this machine, on a bridge that exists only while the rig runs: no packet can
+  leave the machine;
+- every node is started from the *rendered* ConfigMap and Secret (see `tests.rig.rendered`);
+  only the k8s peer discovery becomes a static list of the three hosts, plus file paths;
+- the router stand-in (HAProxy, root namespace, 127.0.0.1) sends the Route's SNI to all three
+  with `balance source` and health checks, as the OpenShift router does for a passthrough Route.
+
+Fault controls: `kill` (SIGKILL), `stop_gracefully` (the template's preStop hook, then SIGTERM as
+the kubelet does), `cut`/`heal` (the host's link down/up: packets silently dropped, TCP
+sessions stay half-open), `start_node`. Everything (namespaces, links, processes) is removed by
+`stop()`, and namespaces left by a rig that was itself killed are swept on the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from packit_broker.config import HostPort
+from packit_broker.router import PassthroughRoute, route_from_manifest, server_name
+from packit_broker.stack.certs import Pki
+from packit_broker.stack.processes import Process, StackError, free_port, require, wait_until
+from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, node_env
+from packit_broker.stack.router_process import runtime_command, start_router
+from tests.rig.rendered import RenderedBroker, local_rabbitmq_conf
+
+PREFIX = "pkbc"  # names of our namespaces and links: pkbc<pid>...
+AMQPS_PORT = 5671
+EPMD_PORT = 4369
+DIST_PORT = 25672
+PROMETHEUS_PORT = 15692
+#: RFC 5737 documentation ranges: never routed anywhere, so safe for a private bridge.
+CANDIDATE_NETWORKS = ("198.51.100.0/24", "203.0.113.0/24")
+#: A Pod that dies or is being deleted leaves the Service's endpoints (kubelet -> endpoints
+#: controller -> router reload; the OpenShift router reloads at most every RELOAD_INTERVAL,
+#: 5 s): the router stops sending new connections to it after about this long, before its
+#: health checks (3 x 5 s) would notice. A network cut changes no endpoint: only the health
+#: checks take a cut-off pod out.
+ENDPOINTS_DELAY = 5.0
+
+
+def _ip(*args: str, check: bool = True) -> str:
+    result = subprocess.run(
+        [require("ip", "iproute2"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and result.returncode != 0:
+        raise StackError(
+            f"ip {' '.join(args)} failed: {result.stderr.strip()}; the cluster rig needs root"
+            " (CAP_NET_ADMIN) to create network namespaces"
+        )
+    return result.stdout
+
+
+def _networks_in_use() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network this machine has an address in or a route to (except `default`)."""
+    used: list[ipaddress.IPv4Network] = []
+    for route in json.loads(_ip("-j", "-4", "route", "show", "table", "all") or "[]"):
+        dst = str(route.get("dst", "default"))
+        if dst != "default":
+            used.append(ipaddress.IPv4Network(dst, strict=False))
+    for link in json.loads(_ip("-j", "-4", "addr") or "[]"):
+        for addr in link.get("addr_info", []):
+            used.append(ipaddress.IPv4Network(f"{addr['local']}/{addr['prefixlen']}", strict=False))
+    return used
+
+
+def pick_network(used: Sequence[ipaddress.IPv4Network], prefix: int = 28) -> ipaddress.IPv4Network:
+    """The first /`prefix` of the documentation ranges that overlaps none of `used`.
+
+    (The machine's own uplink may well sit in a documentation range: 192.0.2.0/24, TEST-NET-1,
+    is not even a candidate for that reason.)
+    """
+    for candidate in CANDIDATE_NETWORKS:
+        for subnet in ipaddress.IPv4Network(candidate).subnets(new_prefix=prefix):
+            if not any(subnet.overlaps(net) for net in used):
+                return subnet
+    raise StackError(f"no free {CANDIDATE_NETWORKS} subnet: remove stale {PREFIX}* bridges")
+
+
+def free_test_network(prefix: int = 28) -> ipaddress.IPv4Network:
+    """A /`prefix` of a documentation range that overlaps nothing this machine uses."""
+    return pick_network(_networks_in_use(), prefix)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> None:
+    """Remove namespaces and bridges of rigs whose process no longer exists."""
+    owners: set[int] = set()
+    for line in _ip("netns", "list").splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(PREFIX) and "-" in name:
+            owners.add(int(name[len(PREFIX) :].split("-")[0]))
+    for link in json.loads(_ip("-j", "link") or "[]"):
+        name = str(link.get("ifname", ""))
+        if name.startswith(PREFIX) and name.endswith("br") and name[len(PREFIX) : -2].isdigit():
+            owners.add(int(name[len(PREFIX) : -2]))
+    for pid in owners:
+        if not _pid_alive(pid):
+            _remove_network(pid)
+
+
+def _remove_network(pid: int) -> None:
+    for line in _ip("netns", "list").splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(f"{PREFIX}{pid}-"):
+            _ip("netns", "del", name, check=False)
+    _ip("link", "del", f"{PREFIX}{pid}br", check=False)
+
+
+@dataclass
+class Host:
+    """One "Pod": a namespace, its address, its epmd and its RabbitMQ node."""
+
+    index: int
+    netns: str
+    veth: str  # the root-namespace end of the host's link (down = cut off)
+    address: str
+    folder: Path
+    env: dict[str, str]
+    epmd: Process
+    server: Process
+
+    @property
+    def node(self) -> str:
+        return f"rabbit@{self.address}"
+
+    @property
+    def amqps(self) -> HostPort:
+        return HostPort(self.address, AMQPS_PORT)
+
+
+def amqps_login(
+    host: str, port: int, *, username: str, password: str, ca_file: Path, server_hostname: str
+) -> bool:
+    """Whether an AMQP login over TLS with SNI to host:port succeeds within 2 s."""
+    import amqp
+
+    connection = amqp.Connection(
+        f"{host}:{port}",
+        userid=username,
+        password=password,
+        ssl={
+            "ca_certs": str(ca_file),
+            "server_hostname": server_hostname,
+            "cert_reqs": ssl.CERT_REQUIRED,
+        },
+        connect_timeout=2,
+    )
+    try:
+        connection.connect()
+    except Exception:
+        return False
+    with contextlib.suppress(Exception):
+        connection.close()
+    return True
+
+
+class NamespaceCluster:
+    """`replicas` RabbitMQ nodes, each on its own network namespace, plus the Route's router."""
+
+    def __init__(
+        self,
+        root: Path,
+        broker: RenderedBroker,
+        pki: Pki,
+        *,
+        server_hostname: str,
+        replicas: int = 3,
+    ) -> None:
+        self.root = root
+        self.broker = broker
+        self.pki = pki
+        self.server_hostname = server_hostname
+        self.ip = require("ip", "iproute2")
+        self.server_binary = require("rabbitmq-server", "rabbitmq-server", where=RABBITMQ_SBIN)
+        self.epmd_binary = require("epmd", "erlang-base")
+        self.tag = f"{PREFIX}{os.getpid()}"
+        self.bridge = f"{self.tag}br"
+        self.network: ipaddress.IPv4Network | None = None
+        self.replicas = replicas
+        self.hosts: list[Host] = []
+        self.router: Process | None = None
+        self.route: PassthroughRoute | None = None
+        self.router_port = 0
+        self._timers: list[threading.Timer] = []
+        self.started_in = 0.0
+
+    # -- credentials ------------------------------------------------------------------------
+
+    @property
+    def username(self) -> str:
+        return self.broker.env["RABBITMQ_DEFAULT_USER"]
+
+    @property
+    def password(self) -> str:
+        return self.broker.env["RABBITMQ_DEFAULT_PASS"]
+
+    # -- network ----------------------------------------------------------------------------
+
+    def _create_network(self) -> None:
+        sweep_stale()
+        self.network = free_test_network()
+        addresses = list(self.network.hosts())
+        gateway = addresses[0]
+        prefix = self.network.prefixlen
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{gateway}/{prefix}", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        names = [str(addresses[1 + i]) for i in range(self.replicas)]
+        for index, address in enumerate(names):
+            netns = f"{self.tag}-{index}"
+            veth = f"{self.tag}v{index}"
+            _ip("netns", "add", netns)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+            _ip("link", "set", veth, "master", self.bridge, "up")
+            _ip("-n", netns, "addr", "add", f"{address}/{prefix}", "dev", "eth0")
+            _ip("-n", netns, "link", "set", "lo", "up")
+            _ip("-n", netns, "link", "set", "eth0", "up")
+            self.hosts.append(self._host(index, netns, veth, address, names))
+
+    def _in_netns(self, netns: str, argv: Sequence[str]) -> list[str]:
+        return [self.ip, "netns", "exec", netns, *argv]
+
+    def _host(self, index: int, netns: str, veth: str, address: str, peers: Sequence[str]) -> Host:
+        folder = self.root / f"host{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        conf = folder / "rabbitmq.conf"
+        conf.write_text(
+            local_rabbitmq_conf(
+                self.broker.rabbitmq_conf,
+                pki=self.pki,
+                amqps_port=AMQPS_PORT,
+                prometheus_port=PROMETHEUS_PORT,
+                classic_nodes=[f"rabbit@{peer}" for peer in peers],
+                listen_host=address,
+            )
+        )
+        conf.chmod(0o600)
+        (folder / "enabled_plugins").write_text(self.broker.enabled_plugins)
+        if self.broker.erlang_cookie is not None:
+            cookie = folder / ".erlang.cookie"  # what the init container copies into $HOME
+            cookie.write_text(self.broker.erlang_cookie)
+            cookie.chmod(0o600)
+        env = {
+            **self.broker.plain_env,  # RABBITMQ_USE_LONGNAME, RABBITMQ_REPLICAS, ...
+            **self.broker.env,  # the Secret's credentials
+            **node_env(folder, f"rabbit@{address}", conf, EPMD_PORT, DIST_PORT),
+            "PATH": f"{RABBITMQ_SBIN[0]}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        }
+        epmd = Process(
+            f"epmd-{index}",
+            self._in_netns(netns, [self.epmd_binary, "-port", str(EPMD_PORT)]),
+            folder / "epmd.log",
+        )
+        server = Process(
+            f"rabbit@{address}",
+            self._in_netns(netns, [self.server_binary]),
+            folder / "rabbitmq.log",
+            env=env,
+            cwd=folder,
+        )
+        return Host(index, netns, veth, address, folder, env, epmd, server)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 90) -> NamespaceCluster:
+        """Network, epmd and nodes (together, as `podManagementPolicy: Parallel`), router."""
+        started = time.monotonic()
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._create_network()
+            for host in self.hosts:
+                host.epmd.start()
+            for host in self.hosts:
+                self._wait_epmd(host)
+            for host in self.hosts:
+                host.server.start()
+            for host in self.hosts:
+                self.wait_ready(host, timeout)
+            self.wait_clustered(timeout)
+            self._start_router()
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - started
+        return self
+
+    def _wait_epmd(self, host: Host) -> None:
+        # A node that finds no epmd would start its own, outside our process group.
+        wait_until(lambda: self._epmd_up(host), host.epmd, 20, f"epmd on {host.netns}")
+
+    def _epmd_up(self, host: Host) -> bool:
+        try:
+            with socket.create_connection((host.address, EPMD_PORT), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def _start_router(self) -> None:
+        first, *others = self.hosts
+        route = route_from_manifest(
+            self.broker.route, first.amqps, tuple(host.amqps for host in others)
+        )
+        self.route = route
+        self.router_port = free_port()
+        self.router = start_router(
+            self.router_folder,
+            self.router_port,
+            self.pki.router_default_pem,
+            (route,),
+            admin=True,
+        )
+
+    @property
+    def router_folder(self) -> Path:
+        return Path(f"/tmp/{self.tag}-router")  # short: the unix socket path limit
+
+    def set_endpoint(self, host: Host, ready: bool) -> None:
+        """Put the host's pod into (ready) or out of (maint) the router's backend now."""
+        if self.router is None or self.route is None or not self.router.running:
+            return
+        state = "ready" if ready else "maint"
+        runtime_command(
+            self.router_folder, f"set server {server_name(self.route, host.index)} state {state}"
+        )
+
+    def _leave_endpoints(self, host: Host) -> None:
+        timer = threading.Timer(ENDPOINTS_DELAY, self.set_endpoint, (host, False))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+
+    def endpoint_states(self) -> dict[str, str]:
+        """Each pod's state in the router: UP, DOWN (health check), MAINT (not an endpoint)."""
+        if self.router is None or self.route is None:
+            return {}
+        out = runtime_command(self.router_folder, "show servers state")
+        states: dict[str, str] = {}
+        for host in self.hosts:
+            backend, server = server_name(self.route, host.index).split("/")
+            for line in out.splitlines():
+                fields = line.split()
+                if len(fields) > 6 and fields[1] == backend and fields[3] == server:
+                    admin = int(fields[6])
+                    operational = int(fields[5])
+                    states[host.node] = (
+                        "MAINT" if admin & 1 else ("UP" if operational == 2 else "DOWN")
+                    )
+        return states
+
+    def ready(self, host: Host) -> bool:
+        return amqps_login(
+            host.address,
+            AMQPS_PORT,
+            username=self.username,
+            password=self.password,
+            ca_file=self.pki.ca_file,
+            server_hostname=self.server_hostname,
+        )
+
+    def wait_ready(self, host: Host, timeout: float = 90) -> None:
+        wait_until(lambda: self.ready(host), host.server, timeout, f"rabbitmq {host.node}")
+
+    def running_nodes(self, host: Host) -> set[str]:
+        """The nodes `host` sees running (empty if it cannot tell); RabbitMQ 3.10 to 4.x."""
+        try:
+            out = self.ctl(host, "cluster_status", "--formatter", "json", timeout=20)
+            return {str(node) for node in json.loads(out).get("running_nodes", [])}
+        except (StackError, subprocess.TimeoutExpired, ValueError):
+            return set()
+
+    def wait_clustered(self, timeout: float = 90) -> None:
+        """Until every running node sees all the others running."""
+        everyone = {h.node for h in self.hosts}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.running_nodes(h) == everyone for h in self.hosts):
+                return
+            time.sleep(1)
+        views = {h.node: sorted(self.running_nodes(h)) for h in self.hosts}
+        raise StackError(f"the cluster did not form within {timeout:.0f}s: {views}")
+
+    def stop(self) -> None:
+        """Router, nodes, epmds, then namespaces and the bridge: nothing is left behind."""
+        for timer in self._timers:
+            timer.cancel()
+        if self.router is not None:
+            self.router.stop()
+            self.router = None
+            shutil.rmtree(self.router_folder, ignore_errors=True)
+        for host in self.hosts:
+            host.server.stop(timeout=15)
+            host.epmd.stop()
+        _remove_network(os.getpid())
+        self.hosts = []
+
+    # -- fault controls ---------------------------------------------------------------------
+
+    def kill(self, host: Host) -> None:
+        """SIGKILL the node (OOM kill, a crash); its pod leaves the endpoints shortly after."""
+        host.server.kill()
+        self._leave_endpoints(host)
+
+    def stop_gracefully(self, host: Host, timeout: float = 120) -> None:
+        """What the kubelet does: the template's preStop hook, then SIGTERM and wait.
+
+        The pod, terminating, leaves the Service's endpoints at the same time.
+        """
+        self._leave_endpoints(host)
+        if self.broker.pre_stop:
+            subprocess.run(
+                self._in_netns(host.netns, self.broker.pre_stop),
+                env={**os.environ, **host.env},
+                capture_output=True,
+                check=False,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                cwd=host.folder,
+            )
+        host.server.stop(timeout=timeout)
+
+    def start_node(self, host: Host, timeout: float = 90) -> None:
+        """Start the node; once it accepts logins (readiness), it is an endpoint again."""
+        for timer in self._timers:
+            timer.join()  # an earlier removal must not land after this return
+        host.server.start()
+        self.wait_ready(host, timeout)
+        self.set_endpoint(host, True)
+
+    def cut(self, host: Host) -> None:
+        """Take the host off the network: its link goes down, packets are silently dropped."""
+        _ip("link", "set", host.veth, "down")
+
+    def heal(self, host: Host) -> None:
+        _ip("link", "set", host.veth, "up")
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def ctl(self, host: Host, *args: str, timeout: float = 60) -> str:
+        """`rabbitmqctl -n NODE ARGS...` run on the node's own host; stdout."""
+        ctl = require("rabbitmqctl", "rabbitmq-server", where=RABBITMQ_SBIN)
+        result = subprocess.run(
+            self._in_netns(host.netns, [ctl, "-n", host.node, *args]),
+            env={**os.environ, **host.env},
+            capture_output=True,
+            text=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            cwd=host.folder,
+        )
+        if result.returncode != 0:
+            raise StackError(
+                f"rabbitmqctl {' '.join(args)} on {host.node} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}"
+            )
+        return result.stdout
+
+    def connections_per_node(self, host: Host) -> dict[str, int]:
+        """How many client connections each node holds, as `host` sees it."""
+        out = self.ctl(host, "eval", "[node(P) || P <- rabbit_networking:connections()].")
+        return {h.node: out.count(f"'{h.node}'") for h in self.hosts}
+
+    def host_of(self, node: str) -> Host:
+        return next(h for h in self.hosts if h.node == node)
+
+    def others(self, host: Host) -> list[Host]:
+        return [h for h in self.hosts if h is not host]
+
+    def server_version(self) -> tuple[int, ...]:
+        out = self.ctl(self.hosts[0], "version")
+        return tuple(int(part) for part in out.strip().split("+")[0].split(".")[:3])
+
+
+@contextlib.contextmanager
+def namespace_cluster(
+    root: Path, broker: RenderedBroker, pki: Pki, *, server_hostname: str
+) -> Iterator[NamespaceCluster]:
+    """A started cluster, removed afterwards whatever happens."""
+    cluster = NamespaceCluster(root, broker, pki, server_hostname=server_hostname)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
