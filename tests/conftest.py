@@ -8,15 +8,21 @@ from collections.abc import Iterator
 import pytest
 
 from packit_broker.stack import Stack, StackError
-from tests.unavailable import unavailable
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
+    """The servers every integration test uses; if they cannot start, one error ends the run.
+
+    Reported once, with what is wrong and the fix, instead of once per test (under CI or not:
+    a suite that silently skips half of itself proves nothing).
+    """
     try:
         running = Stack().start()
     except StackError as exc:
-        unavailable(str(exc))
+        pytest.exit(f"the test stack could not start, no integration test can run:\n{exc}", 3)
+    except Exception as exc:  # a bug in the rig: still one error, with its type
+        pytest.exit(f"the test stack could not start ({type(exc).__name__}): {exc}", 3)
     try:
         yield running
     finally:

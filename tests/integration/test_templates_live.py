@@ -32,7 +32,7 @@ from packit_broker.router import ALLOWLIST_ANNOTATION, TUNNEL_TIMEOUT_ANNOTATION
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process
 from packit_broker.stack.rabbitmq import amqps_login
-from packit_broker.stack.rendered import (
+from tests.rig.rendered import (
     RenderedBroker,
     RenderedCluster,
     rendered_broker,

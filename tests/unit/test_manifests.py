@@ -376,7 +376,7 @@ def test_rabbitmq_conf_is_tls_only_and_has_the_required_settings() -> None:
         "cluster_formation.k8s.host": "kubernetes.default.svc",
         "cluster_formation.k8s.address_type": "hostname",
         "cluster_formation.k8s.service_name": "rabbitmq-nodes",
-        "queue_master_locator": "min-masters",
+        "queue_leader_locator": "balanced",
     }
     assert expected.items() <= settings.items()
 

@@ -1,25 +1,34 @@
 """A PostgreSQL *older than 17* with TLS, for tests of what clients see when direct TLS is missing.
 
-Debian 12 ships PostgreSQL 15 (`apt-get install postgresql-15`, binaries under
-/usr/lib/postgresql/15/bin). It does TLS only after the classic plaintext SSLRequest: a direct
-TLS ClientHello (libpq 17's `sslnegotiation=direct`, the only kind a passthrough Route can
-route) is read as a startup packet of absurd length and the connection is closed. This module
-starts one like `Stack.start_postgres` starts PostgreSQL 17 (initdb as the unprivileged service
-user, ssl = on with the stack's server certificate, `hostssl` + scram-sha-256 only), on a free
-loopback port under its own temp folder. Test-only: the package is not a runtime dependency.
+Test-only (not shipped). PostgreSQL 15 does TLS only after the classic plaintext SSLRequest: a
+direct TLS ClientHello (libpq 17's `sslnegotiation=direct`, the only kind a passthrough Route can
+route) is read as a startup packet of absurd length and the connection is closed.
+
+Where it comes from: Debian 12's `postgresql-15` (/usr/lib/postgresql/15/bin), or, on releases
+without it (Debian 13), the same bookworm packages unpacked by tests/rig/legacy-postgres.sh
+under LEGACY_UNPACKED, run with their libraries on LD_LIBRARY_PATH. It is started like
+`Stack.start_postgres` starts PostgreSQL 17 (initdb as the unprivileged service user, ssl = on
+with the stack's server certificate, `hostssl` + scram-sha-256 only) on a free loopback port.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import secrets
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from packit_broker.stack.certs import Pki
-from packit_broker.stack.postgres import init_tls_cluster
+from packit_broker.stack.postgres import (
+    SYSTEM_POSTGRES,
+    init_tls_cluster,
+    reachable_bindir,
+    system_bindirs,
+)
 from packit_broker.stack.processes import (
     Process,
     StackError,
@@ -31,18 +40,31 @@ from packit_broker.stack.router_process import tcp_open
 
 LEGACY_MAJOR = 15
 LEGACY_PACKAGE = f"postgresql-{LEGACY_MAJOR}"
-LEGACY_BINDIR = Path(f"/usr/lib/postgresql/{LEGACY_MAJOR}/bin")
+#: Where tests/rig/legacy-postgres.sh unpacks bookworm's packages on other Debian releases.
+LEGACY_UNPACKED = Path("/var/cache/packit-broker/legacy-postgresql-15")
 
 
-def legacy_binary(name: str, bindir: Path = LEGACY_BINDIR) -> str:
-    """`bindir/name`, or a StackError naming the Debian package (never another PATH version)."""
-    path = bindir / name
-    if path.is_file() and os.access(path, os.X_OK):
-        return str(path)
+@dataclass(frozen=True)
+class LegacyInstall:
+    bindir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def legacy_install(
+    unpacked: Path = LEGACY_UNPACKED, system_root: Path = SYSTEM_POSTGRES
+) -> LegacyInstall:
+    """Debian's postgresql-15, or bookworm's unpacked copy; StackError naming the fix."""
+    system = system_bindirs(system_root).get(LEGACY_MAJOR)
+    if system is not None:
+        return LegacyInstall(system)
+    bindir = unpacked / f"usr/lib/postgresql/{LEGACY_MAJOR}/bin"
+    if (bindir / "postgres").is_file() and os.access(bindir / "postgres", os.X_OK):
+        libdir = unpacked / f"usr/lib/{platform.machine()}-linux-gnu"
+        return LegacyInstall(bindir, {"LD_LIBRARY_PATH": str(libdir)})
     raise StackError(
-        f"{path} not found: install {LEGACY_PACKAGE} (on Debian 12: `apt-get install"
-        f" {LEGACY_PACKAGE}`, or run scripts/bootstrap.sh; a test-only server, its system"
-        " service is not needed)"
+        f"PostgreSQL {LEGACY_MAJOR} not found (neither {LEGACY_PACKAGE} nor {bindir}); fix: on"
+        f" Debian 12 `apt-get install {LEGACY_PACKAGE}`, elsewhere `bash tests/rig/"
+        "legacy-postgres.sh` (a test-only server; scripts/bootstrap.sh runs it for the tests)"
     )
 
 
@@ -60,14 +82,12 @@ class LegacyPostgres:
         *,
         username: str = "packit",
         password: str | None = None,
-        bindir: Path = LEGACY_BINDIR,
     ) -> None:
         self.pki = pki
         self.server_hostname = server_hostname
         self.username = username
         self.password = secrets.token_urlsafe(12) if password is None else password
-        self.initdb = legacy_binary("initdb", bindir)
-        self.postgres = legacy_binary("postgres", bindir)
+        self.install = legacy_install()
         self.port = free_port()
         self.root: Path | None = None
         self.process: Process | None = None
@@ -99,11 +119,18 @@ class LegacyPostgres:
         self.root = Path(tempfile.mkdtemp(prefix="packit-pg15-"))  # short: unix socket path
         self.root.chmod(0o711)  # the unprivileged server must traverse it
         owner = service_user()
+        bindir = reachable_bindir(self.install.bindir, owner, self.root / "install")
+        env = self.install.env  # its libraries stay in LEGACY_UNPACKED (0755 folders)
         data = init_tls_cluster(
-            self.initdb, self.root, self.port, self.username, self.password, self.pki, owner
-        )
+            str(bindir / "initdb"), self.root, self.port, self.username, self.password,
+            self.pki, owner, env,
+        )  # fmt: skip
         self.process = Process(
-            "postgres-15", [self.postgres, "-D", str(data)], self.root / "postgres.log", user=owner
+            "postgres-15",
+            [str(bindir / "postgres"), "-D", str(data)],
+            self.root / "postgres.log",
+            env=env,
+            user=owner,
         )
         self.process.start()
         wait_until(
