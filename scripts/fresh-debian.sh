@@ -323,7 +323,10 @@ outer_cleanup() {
     elif [ "$KEEP" = 1 ]; then
       say "kept the root: $ROOT (clone at $CLONE; chroot '$ROOT' to look around)"
     else
+      local start
+      start=$(now)
       rm -rf --one-file-system "$TMP_PARENT"
+      say "timing: removing the root took $(since "$start")s"
     fi
   fi
   exit "$rc"
@@ -365,8 +368,10 @@ main() {
   start=$(now)
   unpack "$tarball" "$ROOT"
   say "timing: unpacking $(basename "$tarball") took $(since "$start")s"
+  start=$(now)
   carry_over_host_settings "$ROOT"
   clone_repo "$repo" "$ROOT$path"
+  say "timing: host settings and clone took $(since "$start")s"
 
   if [ ${#cmd[@]} -gt 0 ]; then
     unshare --pid --fork --kill-child --mount --propagation private -- \
