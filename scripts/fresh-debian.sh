@@ -228,6 +228,7 @@ clone_repo() {
 inner_cleanup() {
   local rc=$? m
   trap - EXIT INT TERM
+  disown -a 2>/dev/null || true # no "Killed" job notices for what follows
   kill -KILL -1 2>/dev/null || true # every process of this PID namespace but pid 1 (us)
   wait 2>/dev/null || true
   for ((m = ${#MOUNTED[@]} - 1; m >= 0; m--)); do
@@ -278,8 +279,12 @@ in_root() {
       envs+=("$v=${!v}")
     fi
   done
+  # In the background so a signal's trap runs at once (bash defers traps until a foreground
+  # command ends); with SIGINT/SIGQUIT back to default, which bash ignores for background jobs.
   # shellcheck disable=SC2016 # $1 and $@ belong to the inner sh
-  env -i "${envs[@]}" chroot "$ROOT" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$CLONE" "$@"
+  env --default-signal=INT,QUIT -i "${envs[@]}" \
+    chroot "$ROOT" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$CLONE" "$@" <&0 &
+  wait "$!"
 }
 
 inner_main() {
@@ -332,6 +337,26 @@ outer_cleanup() {
   exit "$rc"
 }
 
+# pid 1 of a new PID namespace (the kernel kills the rest when it ends) with private mounts.
+# In the background for the same reason as in_root; `unshare --fork` itself ignores INT and TERM.
+in_namespaces() {
+  env --default-signal=INT,QUIT unshare --pid --fork --kill-child --mount --propagation private -- \
+    bash "$SELF" --inner "$ROOT" "$CLONE" "$@" <&0 &
+  NAMESPACE_PID=$!
+  wait "$NAMESPACE_PID"
+}
+
+# Interrupted: pid 1 of the namespace cleans up (its trap), then the root is removed.
+on_signal() {
+  local rc=$1 pid1
+  if [ -n "${NAMESPACE_PID:-}" ] && kill -0 "$NAMESPACE_PID" 2>/dev/null; then
+    pid1=$(pgrep -P "$NAMESPACE_PID" || true)
+    [ -z "$pid1" ] || kill -TERM "$pid1" 2>/dev/null || true
+    while kill -0 "$NAMESPACE_PID" 2>/dev/null; do wait "$NAMESPACE_PID" || true; done
+  fi
+  exit "$rc"
+}
+
 main() {
   local release=bookworm path=/root/packit-broker cmd=() repo tarball start lines=() rc=0
   KEEP=0
@@ -363,8 +388,8 @@ main() {
   TMP_PARENT=$(mktemp -d "${TMPDIR:-/var/tmp}/fresh-debian-$release.XXXXXX")
   ROOT="$TMP_PARENT/root" CLONE="$path"
   trap outer_cleanup EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
+  trap 'on_signal 130' INT
+  trap 'on_signal 143' TERM
   start=$(now)
   unpack "$tarball" "$ROOT"
   say "timing: unpacking $(basename "$tarball") took $(since "$start")s"
@@ -374,11 +399,9 @@ main() {
   say "timing: host settings and clone took $(since "$start")s"
 
   if [ ${#cmd[@]} -gt 0 ]; then
-    unshare --pid --fork --kill-child --mount --propagation private -- \
-      bash "$SELF" --inner "$ROOT" "$path" "$release" argv "${cmd[@]}" || rc=$?
+    in_namespaces "$release" argv "${cmd[@]}" || rc=$?
   else
-    unshare --pid --fork --kill-child --mount --propagation private -- \
-      bash "$SELF" --inner "$ROOT" "$path" "$release" lines "${lines[@]}" || rc=$?
+    in_namespaces "$release" lines "${lines[@]}" || rc=$?
   fi
   exit "$rc"
 }
