@@ -225,6 +225,7 @@ clone_repo() {
 
 # --- inside the namespaces (pid 1 of a new PID namespace, private mounts) ----------------------
 
+# shellcheck disable=SC2317 # run by a trap
 inner_cleanup() {
   local rc=$? m
   trap - EXIT INT TERM
@@ -317,6 +318,7 @@ inner_main() {
 
 # --- on the host -------------------------------------------------------------------------------
 
+# shellcheck disable=SC2317 # run by a trap
 outer_cleanup() {
   local rc=$?
   trap - EXIT INT TERM
@@ -347,6 +349,7 @@ in_namespaces() {
 }
 
 # Interrupted: pid 1 of the namespace cleans up (its trap), then the root is removed.
+# shellcheck disable=SC2317 # run by a trap
 on_signal() {
   local rc=$1 pid1
   if [ -n "${NAMESPACE_PID:-}" ] && kill -0 "$NAMESPACE_PID" 2>/dev/null; then
@@ -406,9 +409,13 @@ main() {
   exit "$rc"
 }
 
+# Both branches end in exit: bash reads a script as it goes, so a run must never read past this
+# block (a `git pull` during a run would otherwise execute whatever the new file has there).
 if [ "${1:-}" = --inner ]; then
   shift
   inner_main "$@"
+  exit "$?"
 else
   main "$@"
+  exit "$?"
 fi
