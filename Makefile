@@ -32,3 +32,8 @@ bench:
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The README's Quick start on a brand-new Debian root, as root (RELEASE=bookworm|trixie).
+.PHONY: fresh-debian
+fresh-debian:
+	bash scripts/fresh-debian.sh $(if $(RELEASE),--release $(RELEASE))
