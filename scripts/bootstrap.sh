@@ -14,7 +14,7 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-have_lists() { compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; }
+have_lists() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
 available() { apt-cache show "$1" >/dev/null 2>&1; }
 
 packages=(redis-server rabbitmq-server haproxy openssl procps ca-certificates iproute2) # iproute2: the cluster rig's namespaces
@@ -42,7 +42,7 @@ for pkg in "${packages[@]}"; do installed "$pkg" || missing+=("$pkg"); done
 # PostgreSQL 17 from the release when it has one (Debian 13); Debian 12 uses the wheel.
 if [ ${#packages[@]} -gt 0 ] && ! compgen -G '/usr/lib/postgresql/1[7-9]/bin/postgres' >/dev/null &&
   ! compgen -G '/usr/lib/postgresql/[2-9][0-9]/bin/postgres' >/dev/null; then
-  [ "$(id -u)" = 0 ] && { have_lists || apt-get update -qq; }
+  [ "$(id -u)" = 0 ] && { have_lists || apt-get -o DPkg::Lock::Timeout=300 update -qq; }
   available postgresql-17 && missing+=(postgresql-17)
 fi
 
@@ -61,8 +61,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   trap '[ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d; true' EXIT
   export DEBIAN_FRONTEND=noninteractive
   # Lists may be absent (a fresh root) or stale (a package moved on): refresh, then install.
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if [ "$MODE" = test ] && [ "$(id -u)" = 0 ] && [ ${#packages[@]} -gt 0 ]; then
