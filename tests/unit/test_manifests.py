@@ -552,7 +552,8 @@ def bridge_pod(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def bridge_container(document: dict[str, Any]) -> dict[str, Any]:
-    (container,) = bridge_pod(document)["spec"]["containers"]
+    containers_: list[dict[str, Any]] = bridge_pod(document)["spec"]["containers"]
+    (container,) = containers_
     assert container["name"] == "bridge"
     return container
 
@@ -797,3 +798,18 @@ def test_bridge_command_and_environment_parse_with_the_real_migrate_command(
     assert str(values[by_option["--report"]]) == "/tmp/bridge-report.json"
     assert values[by_option["--from"]] == REQUIRED_PARAMS["bridge"]["REDIS_URL"]
     assert values[by_option["--transport-options"]] == "{}"
+
+
+def test_bridge_docs_list_every_parameter_and_the_command() -> None:
+    """docs/deploy.md's bridge section is the operator's reference: keep it from drifting."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    section = text.split("\n## The bridge\n", 1)[1].split("\n## ", 1)[0]
+    documented = {
+        name
+        for row in section.splitlines()
+        if row.startswith("| `")
+        for name in re.findall(r"`([A-Z_]+)`", row.split("|")[1])
+    }
+    declared = {p["name"] for p in engine.load_template("bridge")["parameters"]}
+    assert documented == declared
+    assert f"`{' '.join(BRIDGE_COMMAND)}`" in " ".join(section.split())
