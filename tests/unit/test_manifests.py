@@ -236,6 +236,21 @@ def test_nothing_left_unsubstituted(name: str) -> None:
     assert "${" not in repr(rendered(name))
 
 
+#: Parameters whose values are credentials (or carry one): never in a template's message,
+#: which `render` prints on stderr and `oc process` shows.
+SECRET_PARAMS = frozenset(
+    {"PASSWORD", "ERLANG_COOKIE", "BROKER_URL", "RESULT_BACKEND_URL", "DATABASE_URL", "REDIS_URL"}
+)
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_PARAMS))
+def test_message_shows_no_secret_parameter(name: str) -> None:
+    tpl = engine.load_template(name)
+    assert not set(_REFERENCE.findall(tpl.get("message", ""))) & SECRET_PARAMS
+    # A generated value is a credential: it must be on the list the check above uses.
+    assert {p["name"] for p in tpl["parameters"] if "generate" in p} <= SECRET_PARAMS
+
+
 # --- Kubernetes validation ----------------------------------------------------------------
 
 
@@ -617,6 +632,7 @@ def test_bridge_root_filesystem_is_read_only_with_an_empty_dir_for_the_report() 
     container = bridge_container(rendered("bridge"))
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     report = Path(BRIDGE_COMMAND[BRIDGE_COMMAND.index("--report") + 1])
