@@ -13,7 +13,7 @@ import click
 import redis
 
 from packit_broker.config import ConfigError, broker_from_env, queues_from_env
-from packit_broker.failures import classify_connect_error
+from packit_broker.errors import RABBITMQ, REDIS, Diagnosed, classify
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, make_plan
 from packit_broker.migrate.amqp_sink import PublishFailed
 from packit_broker.migrate.redis_source import Keys, RedisSource
@@ -21,7 +21,7 @@ from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
 
 #: What a network, TLS, broker or Redis failure can raise; anything else is a bug and shows
 #: its traceback.
-CONNECTION_ERRORS = (OSError, EOFError, amqp.exceptions.AMQPError, redis.RedisError)
+CONNECTION_ERRORS = (OSError, EOFError, amqp.exceptions.AMQPError, redis.RedisError, Diagnosed)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_QUARANTINED = 0, 1, 2, 3, 4
 
@@ -127,6 +127,13 @@ class _Progress:
     help="Bodies larger than the broker accepts are quarantined.",
 )
 @click.option("--key-prefix", default="", help="kombu's global_keyprefix, if the app used one.")
+@click.option(
+    "--blocked-timeout",
+    type=click.FloatRange(0),
+    default=300,
+    show_default=True,
+    help="Seconds to wait out a RabbitMQ resource alarm (connection.blocked) before failing.",
+)
 def migrate(
     source_url: str,
     queues: tuple[str, ...],
@@ -138,6 +145,7 @@ def migrate(
     as_json: bool,
     max_message_size: int,
     key_prefix: str,
+    blocked_timeout: float,
     **flags: Any,
 ) -> None:
     """Move every pending Celery message from Redis to RabbitMQ, losing none.
@@ -158,6 +166,7 @@ def migrate(
         include_unacked=include_unacked,
         force=force,
         max_message_size=max_message_size,
+        blocked_timeout=blocked_timeout,
     )
     redis_display = _mask_redis(source_url)
     try:
@@ -167,11 +176,7 @@ def migrate(
     except ValueError as exc:
         raise click.UsageError(f"--from: {exc}") from None
     except CONNECTION_ERRORS as exc:
-        _fail(
-            str(classify_connect_error(exc, redis_display, "redis")).replace(
-                "[connection]", "[redis]"
-            )
-        )
+        _fail(str(classify(exc, REDIS, redis_display)))
     if dry_run:
         if as_json:
             click.echo(json.dumps({"event": "plan", **plan.as_dict()}))
@@ -194,7 +199,7 @@ def migrate(
         _fail(f"[amqp] {broker.display_url}: {exc}")
     except CONNECTION_ERRORS as exc:
         progress.close()
-        _fail(str(classify_connect_error(exc, broker.display_url, broker.host)))
+        _fail(_diagnose_run_error(exc, broker.display_url, broker.host, redis_display))
     progress.close()
     data = report.as_dict()
     if report_file is not None:
@@ -204,6 +209,13 @@ def migrate(
     else:
         _print_summary(data)
     sys.exit(EXIT_QUARANTINED if data["quarantined"] else EXIT_OK)
+
+
+def _diagnose_run_error(exc: BaseException, broker: str, host: str, redis_display: str) -> str:
+    """A failure mid-run, blamed on the side that raised it (the run was connected to both)."""
+    if isinstance(exc, redis.RedisError):
+        return str(classify(exc, REDIS, redis_display, connected=True))
+    return str(classify(exc, RABBITMQ, broker, host, connected=True))
 
 
 def _print_summary(data: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from packit_broker.envelope import (
     decode,
     split_unacked,
 )
-from packit_broker.migrate.amqp_sink import AmqpSink
+from packit_broker.migrate.amqp_sink import DEFAULT_BLOCKED_TIMEOUT, AmqpSink, Rejection
 from packit_broker.migrate.redis_source import (
     LiveConsumer,
     RedisSource,
@@ -40,6 +40,7 @@ class MigrateOptions:
     force: bool = False
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     fresh_unacked_seconds: float = 300.0
+    blocked_timeout: float = DEFAULT_BLOCKED_TIMEOUT  # how long a RabbitMQ alarm is waited out
 
 
 @dataclass
@@ -126,8 +127,10 @@ class _Decoded:
 
     entries: Sequence[bytes]
     messages: list[AmqpMessage] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # entry index of each message
     quarantine: list[int] = field(default_factory=list)  # indexes into `entries`
     reasons: list[str] = field(default_factory=list)
+    refused: list[Rejection] = field(default_factory=list)
 
 
 class Refused(RuntimeError):
@@ -206,7 +209,7 @@ class Migration:
             raise Refused(plan.refusal)
         self.source.adopt_crashed_inflight()
         self.report.possible_duplicates = self.source.possible_duplicates()
-        with AmqpSink(self.broker) as sink:
+        with AmqpSink(self.broker, blocked_timeout=self.options.blocked_timeout) as sink:
             for queue_plan in plan.queues:
                 sink.declare(queue_plan.spec)
                 self.report.migrated.setdefault(queue_plan.spec.name, 0)
@@ -234,10 +237,19 @@ class Migration:
         for index, raw in enumerate(batch):
             try:
                 decoded.messages.append(self._decode(raw, spec))
+                decoded.positions.append(index)
             except MalformedMessage as exc:
                 decoded.quarantine.append(index)
                 decoded.reasons.append(exc.reason)
         return decoded
+
+    @staticmethod
+    def _refused(batch: _Decoded, refused: Sequence[Rejection]) -> None:
+        """Messages RabbitMQ refused are quarantined with its reason; the rest is committed."""
+        batch.refused = list(refused)
+        for refusal in refused:
+            batch.quarantine.append(batch.positions[refusal.index])
+            batch.reasons.append(refusal.reason)
 
     def _move_list(self, sink: AmqpSink, spec: QueueSpec, step: int) -> None:
         """Batch after batch; the next one is read and decoded while RabbitMQ confirms."""
@@ -246,14 +258,14 @@ class Migration:
         current = self._decode_batch(self.source.oldest(spec.name, step, size), spec)
         while current.entries:
             self.source.mark_inflight(key, [m.task_id for m in current.messages if m.task_id])
-            sink.send(current.messages)
+            ticket = sink.send(current.messages)
             upcoming = self.source.following(spec.name, step, len(current.entries), size)
             following = self._decode_batch(upcoming, spec)
-            sink.wait()
+            self._refused(current, sink.wait(ticket))
             # The Lua script re-checks that `current` is still the tail before removing it.
             self.source.remove_confirmed(spec.name, step, current.entries, current.quarantine)
             self.report.quarantine.extend(QuarantinedEntry(key, r) for r in current.reasons)
-            self._count(spec.name, len(current.messages))
+            self._count(spec.name, len(current.messages) - len(current.refused))
             current = following
             if not current.entries:  # late arrivals at the producing end
                 current = self._decode_batch(self.source.oldest(spec.name, step, size), spec)
@@ -278,6 +290,7 @@ class Migration:
         bindings: dict[str, set[tuple[str, str]]],
     ) -> None:
         messages: list[AmqpMessage] = []
+        owners: list[str] = []  # the unacked tag each message comes from
         confirmed: list[str] = []
         quarantine: list[str] = []
         per_queue: dict[str, int] = {}
@@ -298,20 +311,30 @@ class Migration:
             if not decoded:
                 continue  # belongs to a queue that was not selected: left in Redis
             messages.extend(decoded)
+            owners.extend([entry.tag] * len(decoded))
             confirmed.append(entry.tag)
-            for message in decoded:
-                per_queue[message.routing_key] = per_queue.get(message.routing_key, 0) + 1
-        self._publish(sink, "unacked", messages)
+        refused = self._publish(sink, "unacked", messages)
+        for refusal in refused:  # a refused copy: the entry stays, quarantined, with the reason
+            tag = owners[refusal.index]
+            if tag in confirmed:
+                confirmed.remove(tag)
+                quarantine.append(tag)
+                self.report.quarantine.append(QuarantinedEntry(f"unacked[{tag}]", refusal.reason))
         self.source.remove_unacked(confirmed, quarantine)
-        self.report.unacked_migrated += len(messages)
+        refused_at = {refusal.index for refusal in refused}
+        for index, message in enumerate(messages):
+            if index not in refused_at:
+                per_queue[message.routing_key] = per_queue.get(message.routing_key, 0) + 1
+        self.report.unacked_migrated += len(messages) - len(refused_at)
         for queue, count in per_queue.items():
             self._count(queue, count)
 
-    def _publish(self, sink: AmqpSink, source: str, messages: Sequence[AmqpMessage]) -> None:
+    def _publish(
+        self, sink: AmqpSink, source: str, messages: Sequence[AmqpMessage]
+    ) -> list[Rejection]:
         ids = [m.task_id for m in messages if m.task_id]
         self.source.mark_inflight(source, ids)
-        if messages:
-            sink.publish(messages)
+        return sink.publish(messages) if messages else []
 
     def _count(self, queue: str, count: int) -> None:
         self.report.migrated[queue] = self.report.migrated.get(queue, 0) + count
