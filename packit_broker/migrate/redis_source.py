@@ -209,12 +209,22 @@ class RedisSource:
     # -- removal after confirmation --------------------------------------------------------
 
     def remove_confirmed(
-        self, queue: str, step: int, entries: Sequence[bytes], quarantine: Sequence[int]
+        self,
+        queue: str,
+        step: int,
+        entries: Sequence[bytes],
+        quarantine: Sequence[int],
+        *,
+        keep_marker: bool = False,
     ) -> None:
-        """Remove `entries` (as returned by `oldest`); move those at `quarantine` indexes."""
+        """Remove `entries` (as returned by `oldest`); move those at `quarantine` indexes.
+
+        `keep_marker`: another batch is still in flight, so the in-flight marker stays (the
+        caller rewrites it) instead of being deleted with the removal."""
         digests = [hashlib.sha1(entry).hexdigest() for entry in entries]
         args: list[Any] = [len(entries), *digests, *(i + 1 for i in quarantine)]
-        keys = [self.keys.queue(queue, step), self.keys.own(QUARANTINE), self.keys.own(INFLIGHT)]
+        marker = self.keys.own(INFLIGHT + (".kept" if keep_marker else ""))
+        keys = [self.keys.queue(queue, step), self.keys.own(QUARANTINE), marker]
         self._trim(keys=keys, args=args)
 
     def remove_unacked(self, confirmed: Sequence[str], quarantine: Sequence[str]) -> None:

@@ -7,8 +7,9 @@ queue's backlog, as kombu would have restored them), then per queue the priority
 
 from __future__ import annotations
 
+import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from packit_broker.envelope import (
     decode,
     split_unacked,
 )
-from packit_broker.migrate.amqp_sink import DEFAULT_BLOCKED_TIMEOUT, AmqpSink, Rejection
+from packit_broker.migrate.amqp_sink import DEFAULT_BLOCKED_TIMEOUT, AmqpSink, Rejection, Ticket
 from packit_broker.migrate.redis_source import (
     LiveConsumer,
     RedisSource,
@@ -131,6 +132,10 @@ class _Decoded:
     quarantine: list[int] = field(default_factory=list)  # indexes into `entries`
     reasons: list[str] = field(default_factory=list)
     refused: list[Rejection] = field(default_factory=list)
+
+
+def _task_ids(batches: Iterable[_Decoded]) -> list[str]:
+    return [m.task_id for batch in batches for m in batch.messages if m.task_id]
 
 
 class Refused(RuntimeError):
@@ -252,23 +257,43 @@ class Migration:
             batch.reasons.append(refusal.reason)
 
     def _move_list(self, sink: AmqpSink, spec: QueueSpec, step: int) -> None:
-        """Batch after batch; the next one is read and decoded while RabbitMQ confirms."""
+        """Two half batches in flight: the next is read, decoded and published while RabbitMQ
+        confirms the previous one; only a fully settled batch at the tail is removed. At most
+        `batch_size` messages are unconfirmed at any time (the confirm window, and so the most
+        a crash can duplicate).
+
+        The in-flight marker always names every batch that is sent but not yet removed (it is
+        rewritten before each send and after each removal), so a crash at any instant leaves
+        every possible duplicate listed.
+        """
         key = self.source.keys.queue(spec.name, step)
-        size = self.options.batch_size
-        current = self._decode_batch(self.source.oldest(spec.name, step, size), spec)
-        while current.entries:
-            self.source.mark_inflight(key, [m.task_id for m in current.messages if m.task_id])
-            ticket = sink.send(current.messages)
-            upcoming = self.source.following(spec.name, step, len(current.entries), size)
-            following = self._decode_batch(upcoming, spec)
-            self._refused(current, sink.wait(ticket))
-            # The Lua script re-checks that `current` is still the tail before removing it.
-            self.source.remove_confirmed(spec.name, step, current.entries, current.quarantine)
-            self.report.quarantine.extend(QuarantinedEntry(key, r) for r in current.reasons)
-            self._count(spec.name, len(current.messages) - len(current.refused))
-            current = following
-            if not current.entries:  # late arrivals at the producing end
-                current = self._decode_batch(self.source.oldest(spec.name, step, size), spec)
+        depth = 2 if self.options.batch_size >= 2 else 1  # batches in flight
+        size = self.options.batch_size // depth  # so at most batch_size are unconfirmed
+        inflight: collections.deque[tuple[_Decoded, Ticket]] = collections.deque()
+        skip = 0  # entries sent and not yet removed, counted from the tail
+        while True:
+            batch = self._decode_batch(self.source.following(spec.name, step, skip, size), spec)
+            if batch.entries:
+                inflight.append((batch, Ticket(0, 0)))
+                self.source.mark_inflight(key, _task_ids(b for b, _ in inflight))
+                inflight[-1] = (batch, sink.send(batch.messages))
+                skip += len(batch.entries)
+            if not inflight:
+                return
+            if len(inflight) < depth and batch.entries:
+                continue
+            done, ticket = inflight.popleft()
+            self._refused(done, sink.wait(ticket))
+            # The Lua script re-checks that `done` is still the tail before removing it; the
+            # marker is kept (it still names the batch in flight) and rewritten right after.
+            self.source.remove_confirmed(
+                spec.name, step, done.entries, done.quarantine, keep_marker=bool(inflight)
+            )
+            skip -= len(done.entries)
+            if inflight:
+                self.source.mark_inflight(key, _task_ids(b for b, _ in inflight))
+            self.report.quarantine.extend(QuarantinedEntry(key, r) for r in done.reasons)
+            self._count(spec.name, len(done.messages) - len(done.refused))
 
     def _move_unacked(
         self,
