@@ -44,7 +44,7 @@ _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for queue '(?P<queue>.*)' in vhost '.*':"
     r" received (?P<received>.+?) but current is (?P<current>.+)$"
 )
-_VALUE = re.compile(r"^(?:the value )?'(?P<value>.*)'(?: of type '(?P<type>[^']+)')?$")
+_VALUE = re.compile(r"^(?:the value )?'(?P<value>.*?)'(?: of type '(?P<type>[^']+)')?$")
 _INT_TYPES = {"signedint", "long", "short", "byte", "unsignedbyte", "unsignedshort", "unsignedint"}
 
 
