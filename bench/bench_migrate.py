@@ -206,6 +206,13 @@ def compare(stack: Stack, size: int, repeat: int) -> tuple[float, tuple[float, f
         fill(stack, 2, QUEUE, size)
         our_runs.append(run_ours(stack, 2))
         settle(stack, QUEUE)
+        _, moving, rss = our_runs[-1]
+        print(
+            f"round at {size}: reference {size / ref_runs[-1]:.0f} msg/s,"
+            f" migrate {size / moving:.0f} msg/s (peak RSS {rss // 1024} MiB)",
+            file=sys.stderr,
+            flush=True,
+        )
     ours = sorted(our_runs, key=lambda run: run[1])[len(our_runs) // 2]
     return statistics.median(ref_runs), ours
 

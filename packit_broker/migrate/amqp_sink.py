@@ -177,7 +177,9 @@ class AmqpSink:
             exchange,
             routing_key,
         )
-        body = message.body if isinstance(message.body, bytes) else bytes(message.body)
+        body = message.body
+        if isinstance(body, str):  # py-amqp decoded it by its content_encoding: undo that
+            body = body.encode(message.properties.get("content_encoding") or "utf-8")
         for tag in range(self._low, self._last_tag + 1):
             found = self._inflight.get(tag)
             if found is None or tag in self._returned:

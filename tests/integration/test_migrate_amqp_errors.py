@@ -234,7 +234,8 @@ def test_sink_attributes_a_returned_message_to_its_index(
         conn.channel().queue_declare(queue, durable=True, auto_delete=False)
 
     def message(routing_key: str, body: bytes) -> AmqpMessage:
-        return AmqpMessage(body, {"delivery_mode": 2}, "", routing_key)
+        properties = {"delivery_mode": 2, "content_encoding": "utf-8"}
+        return AmqpMessage(body, properties, "", routing_key)
 
     batch = [
         message(queue, b"one"),
