@@ -15,7 +15,6 @@ import redis
 from packit_broker.config import ConfigError, broker_from_env, queues_from_env
 from packit_broker.errors import RABBITMQ, REDIS, Diagnosed, classify
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, make_plan
-from packit_broker.migrate.amqp_sink import PublishFailed
 from packit_broker.migrate.redis_source import Keys, RedisSource
 from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -194,9 +193,6 @@ def migrate(
             err=True,
         )
         sys.exit(EXIT_REFUSED)
-    except PublishFailed as exc:
-        progress.close()
-        _fail(f"[amqp] {broker.display_url}: {exc}")
     except CONNECTION_ERRORS as exc:
         progress.close()
         _fail(_diagnose_run_error(exc, broker.display_url, broker.host, redis_display))

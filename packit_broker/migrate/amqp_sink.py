@@ -31,8 +31,21 @@ from packit_broker.tls import amqp_ssl_options
 DEFAULT_BLOCKED_TIMEOUT = 300.0
 
 
-class PublishFailed(RuntimeError):
-    """The broker did not settle a batch in time (confirm timeout)."""
+class PublishFailed(errors.Diagnosed):
+    """RabbitMQ did not settle a batch: no confirm in time, or a return that matches nothing."""
+
+    def __init__(self, endpoint: str, seen: str) -> None:
+        super().__init__(
+            errors.Diagnosis(
+                errors.RABBITMQ,
+                "publisher-confirm",
+                endpoint,
+                seen,
+                "the broker is overloaded or a queue is unavailable (a quorum queue without a"
+                " majority): check `rabbitmq-diagnostics status` and the broker's log, then"
+                " rerun; the unconfirmed batch is still in Redis",
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,7 @@ class AmqpSink:
         self._low = 1  # every tag below is settled
         self._inflight: dict[int, tuple[Ticket, int, AmqpMessage]] = {}
         self._returned: dict[int, str] = {}
+        self._unmatched: list[str] = []
         self._blocked: tuple[str, float] | None = None
         self._broken = False
 
@@ -188,6 +202,7 @@ class AmqpSink:
             if (sent.exchange, sent.routing_key, sent.body) == (exchange, routing_key, body):
                 self._returned[tag] = reason
                 return
+        self._unmatched.append(reason)  # never count a returned message as delivered
 
     # -- publishing -----------------------------------------------------------------------------
 
@@ -241,9 +256,15 @@ class AmqpSink:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishFailed(
-                    f"{ticket.outstanding} messages not confirmed within {self.confirm_timeout}s"
+                    self.endpoint.display_url,
+                    f"{ticket.outstanding} messages not confirmed within {self.confirm_timeout}s",
                 )
             self._drain(min(remaining, 1.0))
+        if self._unmatched:
+            raise PublishFailed(
+                self.endpoint.display_url,
+                f"RabbitMQ returned a message that matches none in flight: {self._unmatched[0]}",
+            )
         return sorted(ticket.refused, key=lambda refusal: refusal.index)
 
     def _drain(self, timeout: float) -> None:
