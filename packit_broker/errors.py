@@ -172,6 +172,13 @@ def message_too_large(endpoint: str, size: int, limit: int, what: str) -> Diagno
     )
 
 
+def too_large_reason(size: int, limit: int) -> str:
+    return (
+        f"RabbitMQ refused it: its body of {size} bytes is larger than the broker's"
+        f" max_message_size {limit} (raise max_message_size to move it)"
+    )
+
+
 NACK_REASON = (
     "RabbitMQ refused it (basic.nack): the queue is at its max-length/max-length-bytes limit"
     " with overflow reject-publish (a policy or queue argument), or the queue is unavailable"

@@ -29,6 +29,9 @@ from packit_broker.queues import QueueSpec
 from packit_broker.tls import amqp_ssl_options
 
 DEFAULT_BLOCKED_TIMEOUT = 300.0
+#: Bodies above this are published alone, after everything before them is confirmed: if
+#: RabbitMQ's max_message_size closes the channel over one, nothing else is left uncertain.
+FENCE_ABOVE = 64 * 1024
 
 
 class PublishFailed(errors.Diagnosed):
@@ -100,17 +103,23 @@ class AmqpSink:
         self._unmatched: list[str] = []
         self._blocked: tuple[str, float] | None = None
         self._broken = False
+        self._size_limit: int | None = None  # RabbitMQ's max_message_size, once learnt
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def connect(self) -> AmqpSink:
         self.connection.connect()
+        self._open_channel()
+        return self
+
+    def _open_channel(self) -> None:
+        """A confirm-mode channel; its delivery tags start again at 1 (nothing is in flight)."""
         self.channel = self.connection.channel()
         self.channel.confirm_select()
         self.channel.events["basic_ack"].add(self._on_ack)
         self.channel.events["basic_nack"].add(self._on_nack)
         self.channel.events["basic_return"].add(self._on_return)
-        return self
+        self._last_tag, self._low = 0, 1
 
     def close(self) -> None:
         if self._broken:  # a blocked broker does not read our Close: just drop the socket
@@ -216,10 +225,58 @@ class AmqpSink:
         for index, message in enumerate(messages):
             if self._blocked is not None:
                 self._wait_unblocked()
+            if len(message.body) > FENCE_ABOVE:
+                self._publish_alone(ticket, index, message)
+                continue
             self._publish_one(message)
-            self._last_tag += 1
-            self._inflight[self._last_tag] = (ticket, index, message)
+            self._track(ticket, index, message)
         return ticket
+
+    def _track(self, ticket: Ticket, index: int, message: AmqpMessage) -> None:
+        self._last_tag += 1
+        self._inflight[self._last_tag] = (ticket, index, message)
+
+    def _publish_alone(self, ticket: Ticket, index: int, message: AmqpMessage) -> None:
+        """A large message, fenced: if RabbitMQ refuses its size, it alone is refused."""
+        self._settle_everything()
+        size = len(message.body)
+        if self._size_limit is not None and size > self._size_limit:
+            ticket.refused.append(Rejection(index, errors.too_large_reason(size, self._size_limit)))
+            ticket.outstanding -= 1
+            return
+        try:
+            self.channel.basic_publish(
+                amqp.Message(message.body, **message.properties),
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                mandatory=True,
+            )
+            self._track(ticket, index, message)
+            self._settle_everything(raw=True)
+        except amqp.exceptions.PreconditionFailed as exc:
+            found = errors.too_large(str(exc))
+            if found is None:
+                raise
+            self._size_limit = found[1]
+            self._inflight.clear()  # only this message was in flight
+            ticket.refused.append(Rejection(index, errors.too_large_reason(size, found[1])))
+            ticket.outstanding -= 1
+            self._open_channel()
+
+    def _settle_everything(self, *, raw: bool = False) -> None:
+        """Wait until nothing is in flight (every ticket's messages settled)."""
+        deadline = time.monotonic() + self.confirm_timeout
+        while self._inflight:
+            if self._blocked is not None:
+                self._wait_unblocked()
+                deadline = time.monotonic() + self.confirm_timeout
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishFailed(
+                    self.endpoint.display_url,
+                    f"{len(self._inflight)} messages not confirmed within {self.confirm_timeout}s",
+                )
+            self._drain(min(remaining, 1.0), raw=raw)
 
     def _publish_one(self, message: AmqpMessage) -> None:
         try:
@@ -267,13 +324,14 @@ class AmqpSink:
             )
         return sorted(ticket.refused, key=lambda refusal: refusal.index)
 
-    def _drain(self, timeout: float) -> None:
+    def _drain(self, timeout: float, *, raw: bool = False) -> None:
         try:
             self.connection.drain_events(timeout=timeout)
         except TimeoutError:
             pass
         except amqp.exceptions.PreconditionFailed as exc:
-            self._too_large(exc)
+            if not raw:
+                self._too_large(exc)
             raise
         self.connection.heartbeat_tick()
 

@@ -146,26 +146,59 @@ def test_memory_alarm_lifted_within_blocked_timeout_is_waited_out(
 # -- RabbitMQ: max_message_size ----------------------------------------------------------------
 
 
-def test_message_over_max_message_size_is_named_with_the_limit(
+def test_large_message_over_max_message_size_is_quarantined_alone(
     stack: Stack,
     client_env: dict[str, str],
     queue_names: tuple[str, str, str],
     redis_url: str,
     tmp_path: Path,
 ) -> None:
+    """Large bodies are published fenced (alone, after the rest is confirmed): when RabbitMQ
+    closes the channel over one, only that one is refused, and nothing is doubled."""
     queue = queue_names[0]
     app = backlog.producer(redis_url, [queue])
     small = [backlog.send(app, queue, f"small-{i}") for i in range(5)]
     big = backlog.send(app, queue, "x" * 300_000)
-    later = backlog.send(app, queue, "after")
+    later = [backlog.send(app, queue, f"after-{i}") for i in range(5)]
+    report_file = tmp_path / "report.json"
     with max_message_size(stack, 200_000):
+        done = run_migrate(
+            client_env, "--from", redis_url, "--queue", queue, "--report", str(report_file)
+        )
+    assert done.returncode == 4, done.stderr  # done, one quarantined
+    assert ids_in(stack, queue) == [*small, *later]
+    report = json.loads(report_file.read_text())
+    [reason] = [q["reason"] for q in report["quarantine"]]
+    assert reason.startswith("RabbitMQ refused it: its body of 3")
+    assert "is larger than the broker's max_message_size 200000" in reason
+    assert report["possible_duplicates"] == []
+    quarantine = redis.Redis.from_url(redis_url).lrange("packit_broker.quarantine", 0, -1)
+    assert [json.loads(raw)["headers"]["id"] for raw in quarantine] == [big]
+
+
+def test_message_over_a_small_max_message_size_is_named_with_the_limit(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """Below the fence RabbitMQ closes the channel mid-window: the run stops naming the message
+    and the limit, and the rerun with --max-message-size finishes, reporting what may repeat."""
+    queue = queue_names[0]
+    app = backlog.producer(redis_url, [queue])
+    small = [backlog.send(app, queue, f"small-{i}") for i in range(5)]
+    big = backlog.send(app, queue, "x" * 5_000)
+    later = backlog.send(app, queue, "after")
+    with max_message_size(stack, 2_000):
         done = run_migrate(client_env, "--from", redis_url, "--queue", queue)
         assert done.returncode == 1, done.stderr
         assert "[message-size] RabbitMQ" in done.stderr
         assert f"task {big}" in done.stderr
-        assert "max_message_size 200000" in done.stderr
-        assert "--max-message-size 200000" in done.stderr
+        assert "max_message_size 2000" in done.stderr
+        assert "--max-message-size 2000" in done.stderr
         assert_secret_free(stack, done.stderr)
+        report_file = tmp_path / "report.json"
         again = run_migrate(
             client_env,
             "--from",
@@ -173,9 +206,9 @@ def test_message_over_max_message_size_is_named_with_the_limit(
             "--queue",
             queue,
             "--max-message-size",
-            "200000",
+            "2000",
             "--report",
-            str(tmp_path / "report.json"),
+            str(report_file),
         )
     assert again.returncode == 4, again.stderr  # done, one quarantined
     delivered = collections.Counter(ids_in(stack, queue))
@@ -183,7 +216,7 @@ def test_message_over_max_message_size_is_named_with_the_limit(
     # RabbitMQ closes the channel at the large message: what went before it may be in the
     # queue unconfirmed, so it is republished and reported, never lost.
     twice = {task_id for task_id, n in delivered.items() if n > 1}
-    assert twice <= set(json.loads((tmp_path / "report.json").read_text())["possible_duplicates"])
+    assert twice <= set(json.loads(report_file.read_text())["possible_duplicates"])
     quarantine = redis.Redis.from_url(redis_url).lrange("packit_broker.quarantine", 0, -1)
     assert [json.loads(raw)["headers"]["id"] for raw in quarantine] == [big]
 
