@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import amqp
+from amqp import spec
 
 from packit_broker import errors
 from packit_broker.amqp_client import BlockAwareConnection
@@ -32,6 +33,7 @@ DEFAULT_BLOCKED_TIMEOUT = 300.0
 #: Bodies above this are published alone, after everything before them is confirmed: if
 #: RabbitMQ's max_message_size closes the channel over one, nothing else is left uncertain.
 FENCE_ABOVE = 64 * 1024
+POLL_EVERY = 64  # publishes between two looks at what the broker sent (acks, blocked)
 
 
 class PublishFailed(errors.Diagnosed):
@@ -104,6 +106,7 @@ class AmqpSink:
         self._blocked: tuple[str, float] | None = None
         self._broken = False
         self._size_limit: int | None = None  # RabbitMQ's max_message_size, once learnt
+        self._published = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -279,12 +282,18 @@ class AmqpSink:
             self._drain(min(remaining, 1.0), raw=raw)
 
     def _publish_one(self, message: AmqpMessage) -> None:
+        """basic.publish, mandatory. py-amqp's basic_publish polls the socket before every
+        publish (for connection.blocked); here that poll happens every POLL_EVERY messages,
+        which is as timely for an alarm and saves a system call per message."""
         try:
-            self.channel.basic_publish(
+            self._published += 1
+            if self._published % POLL_EVERY == 0:
+                self._drain(0)
+            self.channel.send_method(
+                spec.Basic.Publish,
+                "Bssbb",
+                (0, message.exchange, message.routing_key, True, False),
                 amqp.Message(message.body, **message.properties),
-                exchange=message.exchange,
-                routing_key=message.routing_key,
-                mandatory=True,
             )
         except amqp.exceptions.PreconditionFailed as exc:
             self._too_large(exc, message)
