@@ -21,16 +21,15 @@ from packit_broker.config import (
     queues_from_env,
     redis_from_url,
 )
-from packit_broker.failures import classify_connect_error
+from packit_broker.errors import RABBITMQ, REDIS, Diagnosed, classify
 from packit_broker.kombu_layout import KombuLayout, LayoutError
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Report, make_plan
-from packit_broker.migrate.amqp_sink import PublishFailed
 from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
 from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
 
 #: What a network, TLS, broker or Redis failure can raise; anything else is a bug and shows
 #: its traceback.
-CONNECTION_ERRORS = (OSError, EOFError, amqp.exceptions.AMQPError, redis.RedisError)
+CONNECTION_ERRORS = (OSError, EOFError, amqp.exceptions.AMQPError, redis.RedisError, Diagnosed)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_QUARANTINED, EXIT_INCOMPLETE = 0, 1, 2, 3, 4, 5
 TRANSPORT_OPTIONS_VARIABLE = "PACKIT_MIGRATE_TRANSPORT_OPTIONS"
@@ -152,6 +151,13 @@ class _Progress:
     help="The app's broker_transport_options as JSON (sep, priority_steps, global_keyprefix,"
     f" unacked_key, ...); default: {TRANSPORT_OPTIONS_VARIABLE}.",
 )
+@click.option(
+    "--blocked-timeout",
+    type=click.FloatRange(0),
+    default=300,
+    show_default=True,
+    help="Seconds to wait out a RabbitMQ resource alarm (connection.blocked) before failing.",
+)
 def migrate(
     source_url: str,
     queues: tuple[str, ...],
@@ -164,6 +170,7 @@ def migrate(
     max_message_size: int,
     key_prefix: str,
     transport_options: str | None,
+    blocked_timeout: float,
     **flags: Any,
 ) -> None:
     """Move every pending Celery message from Redis to RabbitMQ, losing none.
@@ -189,6 +196,7 @@ def migrate(
         include_unacked=include_unacked,
         force=force,
         max_message_size=max_message_size,
+        blocked_timeout=blocked_timeout,
     )
     try:
         redis_display = redis_from_url(source_url).display_url
@@ -201,11 +209,7 @@ def migrate(
     except ValueError as exc:
         raise click.UsageError(f"--from: {exc}") from None
     except CONNECTION_ERRORS as exc:
-        _fail(
-            str(classify_connect_error(exc, redis_display, "redis")).replace(
-                "[connection]", "[redis]"
-            )
-        )
+        _fail(str(classify(exc, REDIS, redis_display)))
     if dry_run:
         if as_json:
             click.echo(json.dumps({"event": "plan", **plan.as_dict()}))
@@ -241,12 +245,9 @@ def migrate(
     except LockLost as exc:
         progress.close()
         _fail(f"[redis] {exc}")
-    except PublishFailed as exc:
-        progress.close()
-        _fail(f"[amqp] {broker.display_url}: {exc}")
     except CONNECTION_ERRORS as exc:
         progress.close()
-        _fail(str(classify_connect_error(exc, broker.display_url, broker.host)))
+        _fail(_diagnose_run_error(exc, broker.display_url, broker.host, redis_display))
     progress.close()
     data = report.as_dict()
     if report_file is not None:
@@ -304,6 +305,13 @@ def _write_atomically(path: Path, text: str) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(out.name, path)
+
+
+def _diagnose_run_error(exc: BaseException, broker: str, host: str, redis_display: str) -> str:
+    """A failure mid-run, blamed on the side that raised it (the run was connected to both)."""
+    if isinstance(exc, redis.RedisError):
+        return str(classify(exc, REDIS, redis_display, connected=True))
+    return str(classify(exc, RABBITMQ, broker, host, connected=True))
 
 
 def _print_summary(data: dict[str, Any]) -> None:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import socket
 import ssl
 import time
+from collections.abc import Mapping
 from contextlib import suppress
 from typing import Any
 
+from packit_broker import errors
+from packit_broker.amqp_client import BlockAwareConnection
 from packit_broker.config import BrokerEndpoint, TLSSettings
 from packit_broker.doctor.results import CheckResult, _Report
 from packit_broker.doctor.tls_probe import (
+    _PLAINTEXT_MARKERS,
     DEFAULT_TIMEOUT,
     TlsFacts,
     _is_eof,
@@ -40,12 +46,37 @@ def _http_status(facts: TlsFacts, tls: TLSSettings) -> str | None:
     return data.split(b"\r\n", 1)[0].decode(errors="replace")
 
 
+def _speaks_tls(address: tuple[str, int], timeout: float) -> bool:
+    """Whether a TLS server answers a ClientHello there (nothing is verified: only asked)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection(address, timeout=timeout) as raw, context.wrap_socket(raw):
+            return True
+    except ssl.SSLError as exc:  # a TLS alert is still TLS; a plaintext answer is not
+        return not any(marker in str(exc) for marker in _PLAINTEXT_MARKERS) and not _is_eof(exc)
+    except OSError:
+        return False
+
+
 def _amqp_connection_failure(
-    report: _Report, exc: BaseException, endpoint: BrokerEndpoint, facts: TlsFacts | None
+    report: _Report,
+    exc: BaseException,
+    endpoint: BrokerEndpoint,
+    facts: TlsFacts | None,
+    plain_address: tuple[str, int] | None = None,
 ) -> None:
     text = str(exc) or type(exc).__name__
     name = type(exc).__name__
-    if name == "AccessRefused":
+    if plain_address is not None and _is_eof(exc) and _speaks_tls(plain_address, DEFAULT_TIMEOUT):
+        report.fail(
+            "tls",
+            f"{text}: the URL says amqp:// (plaintext) but {plain_address[0]}:{plain_address[1]}"
+            " speaks TLS (it completed a TLS handshake)",
+            "use amqps:// in PACKIT_BROKER_URL (with PACKIT_BROKER_CA_FILE); the broker is up",
+        )
+    elif name == "AccessRefused":
         report.fail(
             "amqp-login",
             f"login refused for user {endpoint.username!r}: {text}",
@@ -121,11 +152,14 @@ def _check_queues(report: _Report, connection: Any, queues: QueueSettings) -> bo
             )
             return False
         except amqp.exceptions.PreconditionFailed as exc:
-            report.fail(
-                "queue",
-                f"queue {spec.name!r} exists with other arguments: {exc.reply_text}",
-                "declare it exactly as the workers do (PACKIT_BROKER_QUEUE_TYPE/_MAX_PRIORITY),"
-                " or drain and delete the old queue",
+            text = str(exc.reply_text or exc)
+            existing = errors.existing_arguments(
+                functools.partial(_redeclare, connection, spec.name),
+                spec.arguments,
+                text,
+            )
+            report.diagnosed(
+                errors.queue_mismatch(report.endpoint, spec.name, spec.arguments, existing, text)
             )
             return False
         with suppress(Exception):
@@ -139,7 +173,16 @@ def _check_queues(report: _Report, connection: Any, queues: QueueSettings) -> bo
     return True
 
 
-def _round_trip(report: _Report, connection: Any, timeout: float) -> None:
+def _redeclare(connection: Any, queue: str, arguments: Mapping[str, Any]) -> None:
+    channel = connection.channel()
+    channel.queue_declare(queue, durable=True, auto_delete=False, arguments=dict(arguments) or None)
+    with suppress(Exception):
+        channel.close()
+
+
+def _round_trip(
+    report: _Report, connection: Any, timeout: float, blocked: list[tuple[str, float]]
+) -> None:
     import amqp
 
     channel = connection.channel()
@@ -159,6 +202,7 @@ def _round_trip(report: _Report, connection: Any, timeout: float) -> None:
             amqp.Message(b"packit-broker check", content_type="text/plain"),
             exchange="",
             routing_key=queue,
+            confirm_timeout=timeout,
         )
         confirmed = time.monotonic()
         channel.basic_consume(
@@ -169,6 +213,10 @@ def _round_trip(report: _Report, connection: Any, timeout: float) -> None:
             with suppress(TimeoutError):
                 connection.drain_events(timeout=max(0.05, deadline - time.monotonic()))
     except (amqp.exceptions.AMQPError, OSError) as exc:
+        if blocked:
+            reason, since = blocked[-1]
+            report.diagnosed(errors.blocked(report.endpoint, reason, time.monotonic() - since))
+            return
         report.fail(
             "round-trip",
             f"{type(exc).__name__}: {exc}",
@@ -225,10 +273,11 @@ def check_broker(
 
     report = _Report("broker", endpoint.display_url, (endpoint.password,))
     facts: TlsFacts | None = None
+    plain_address: tuple[str, int] | None = None
     if endpoint.tls is None:
         report.info("tls", "plaintext amqp:// (loopback or explicitly allowed)")
-        address = _resolve(report, endpoint.dial, timeout)
-        if address is None or not _tcp(report, address, timeout):
+        plain_address = _resolve(report, endpoint.dial, timeout)
+        if plain_address is None or not _tcp(report, plain_address, timeout):
             return report.results
     else:
         facts = probe_tls(
@@ -242,7 +291,8 @@ def check_broker(
         )
         if facts is None:
             return report.results
-    connection = amqp.Connection(
+    blocked: list[tuple[str, float]] = []
+    connection = BlockAwareConnection(
         str(endpoint.dial),
         userid=endpoint.username,
         password=endpoint.password,
@@ -252,12 +302,13 @@ def check_broker(
         read_timeout=timeout,
         write_timeout=timeout,
         heartbeat=endpoint.heartbeat,
+        on_blocked=lambda reason: blocked.append((reason, time.monotonic())),
     )
     try:
         try:
             connection.connect()
         except (amqp.exceptions.AMQPError, OSError, EOFError) as exc:
-            _amqp_connection_failure(report, exc, endpoint, facts)
+            _amqp_connection_failure(report, exc, endpoint, facts, plain_address)
             return report.results
         product = connection.server_properties.get("product", b"")
         version = connection.server_properties.get("version", b"")
@@ -274,7 +325,7 @@ def check_broker(
         except (amqp.exceptions.AMQPError, OSError) as exc:
             report.fail("permission", f"{type(exc).__name__}: {exc}", "see the broker's log")
             return report.results
-        _round_trip(report, connection, timeout)
+        _round_trip(report, connection, timeout, blocked)
     finally:
         with suppress(Exception):
             connection.close()

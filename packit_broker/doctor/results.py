@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from packit_broker.config import ConfigError
+from packit_broker.errors import Diagnosis
 
 Status = Literal["ok", "warn", "FAIL", "info"]
 
@@ -71,6 +72,10 @@ class _Report:
 
     def fail(self, layer: str, seen: str, fix: str) -> None:
         self.add(layer, "FAIL", seen, fix)
+
+    def diagnosed(self, diagnosis: Diagnosis) -> None:
+        """A failure classified by `packit_broker.errors`, the one shared with `migrate`."""
+        self.fail(diagnosis.layer, diagnosis.seen, diagnosis.fix)
 
 
 def config_failure(name: str, exc: ConfigError) -> CheckResult:

@@ -1,35 +1,92 @@
 """I/O: publishing to RabbitMQ with a window of publisher confirms, `mandatory` on.
 
-A batch counts as delivered only when every message in it is acked by the broker and none was
-returned (unroutable) or nacked; anything else raises `PublishFailed` and the caller leaves
-the batch in Redis.
+`send(batch)` publishes a batch and returns a ticket; `wait(ticket)` blocks until RabbitMQ has
+settled every message of that batch and returns the ones it refused (nacked, or returned as
+unroutable), each with its index in the batch and the broker's reason. Several batches may be
+in flight at once, so the caller can read and publish the next batch while the previous one is
+being confirmed; every refusal is attributed to its own message, so one poison message never
+fails its batch.
+
+What fails the whole run instead raises `Diagnosed` (or the client library's error): a queue
+declared with other arguments, a resource alarm that outlasts `blocked_timeout`, a message
+over the broker's max_message_size (RabbitMQ closes the channel), a lost connection.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import amqp
+from amqp import spec
 
+from packit_broker import errors
+from packit_broker.amqp_client import BlockAwareConnection
 from packit_broker.config import BrokerEndpoint
 from packit_broker.envelope import AmqpMessage
 from packit_broker.queues import QueueSpec
 from packit_broker.tls import amqp_ssl_options
 
+DEFAULT_BLOCKED_TIMEOUT = 300.0
+#: Bodies above this are published alone, after everything before them is confirmed: if
+#: RabbitMQ's max_message_size closes the channel over one, nothing else is left uncertain.
+FENCE_ABOVE = 64 * 1024
+POLL_EVERY = 64  # publishes between two looks at what the broker sent (acks, blocked)
 
-class PublishFailed(RuntimeError):
-    """The broker did not confirm a batch (nack, return, timeout or a lost connection)."""
+
+class PublishFailed(errors.Diagnosed):
+    """RabbitMQ did not settle a batch: no confirm in time, or a return that matches nothing."""
+
+    def __init__(self, endpoint: str, seen: str) -> None:
+        super().__init__(
+            errors.Diagnosis(
+                errors.RABBITMQ,
+                "publisher-confirm",
+                endpoint,
+                seen,
+                "the broker is overloaded or a queue is unavailable (a quorum queue without a"
+                " majority): check `rabbitmq-diagnostics status` and the broker's log, then"
+                " rerun; the unconfirmed batch is still in Redis",
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One message of a batch that RabbitMQ did not take, and why (the broker's reason)."""
+
+    index: int  # position in the batch passed to `send`
+    reason: str
+
+
+@dataclass
+class Ticket:
+    """A batch in flight: how many of its messages RabbitMQ has still to settle."""
+
+    size: int
+    outstanding: int
+    refused: list[Rejection] = field(default_factory=list)
+
+    @property
+    def settled(self) -> bool:
+        return self.outstanding == 0
 
 
 class AmqpSink:
     def __init__(
-        self, endpoint: BrokerEndpoint, *, connect_timeout: float = 10, confirm_timeout: float = 60
+        self,
+        endpoint: BrokerEndpoint,
+        *,
+        connect_timeout: float = 10,
+        confirm_timeout: float = 60,
+        blocked_timeout: float = DEFAULT_BLOCKED_TIMEOUT,
     ) -> None:
         self.endpoint = endpoint
         self.confirm_timeout = confirm_timeout
-        self.connection = amqp.Connection(
+        self.blocked_timeout = blocked_timeout
+        self.connection = BlockAwareConnection(
             str(endpoint.dial),
             userid=endpoint.username,
             password=endpoint.password,
@@ -37,22 +94,40 @@ class AmqpSink:
             ssl=amqp_ssl_options(endpoint.tls) if endpoint.tls else False,
             heartbeat=endpoint.heartbeat,
             connect_timeout=connect_timeout,
+            on_blocked=self._on_blocked,
+            on_unblocked=self._on_unblocked,
         )
         self.channel: Any = None
         self._last_tag = 0
-        self._pending: set[int] = set()
-        self._problems: list[str] = []
+        self._low = 1  # every tag below is settled
+        self._inflight: dict[int, tuple[Ticket, int, AmqpMessage]] = {}
+        self._returned: dict[int, str] = {}
+        self._unmatched: list[str] = []
+        self._blocked: tuple[str, float] | None = None
+        self._broken = False
+        self._size_limit: int | None = None  # RabbitMQ's max_message_size, once learnt
+        self._published = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
 
     def connect(self) -> AmqpSink:
         self.connection.connect()
+        self._open_channel()
+        return self
+
+    def _open_channel(self) -> None:
+        """A confirm-mode channel; its delivery tags start again at 1 (nothing is in flight)."""
         self.channel = self.connection.channel()
         self.channel.confirm_select()
         self.channel.events["basic_ack"].add(self._on_ack)
         self.channel.events["basic_nack"].add(self._on_nack)
         self.channel.events["basic_return"].add(self._on_return)
-        return self
+        self._last_tag, self._low = 0, 1
 
     def close(self) -> None:
+        if self._broken:  # a blocked broker does not read our Close: just drop the socket
+            self.connection.collect()
+            return
         try:
             self.connection.close()
         except Exception:
@@ -64,58 +139,219 @@ class AmqpSink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def declare(self, spec: QueueSpec) -> None:
-        spec.declare(self.channel)
+    # -- declarations ---------------------------------------------------------------------------
+
+    def declare(self, queue: QueueSpec) -> None:
+        """Declare as the workers do; a queue with other arguments -> `Diagnosed`."""
+        try:
+            queue.declare(self.channel)
+        except amqp.exceptions.PreconditionFailed as exc:
+            text = str(exc.reply_text or exc)
+            existing = errors.existing_arguments(
+                lambda arguments: self._redeclare(queue, arguments), queue.arguments, text
+            )
+            raise errors.Diagnosed(
+                errors.queue_mismatch(
+                    self.endpoint.display_url, queue.name, queue.arguments, existing, text
+                )
+            ) from None
+
+    def _redeclare(self, queue: QueueSpec, arguments: Mapping[str, Any]) -> None:
+        channel = self.connection.channel()
+        channel.queue_declare(
+            queue.name, durable=True, auto_delete=False, arguments=dict(arguments) or None
+        )
+        channel.close()
+
+    # -- broker events --------------------------------------------------------------------------
+
+    def _on_blocked(self, reason: str) -> None:
+        self._blocked = (reason, time.monotonic())
+
+    def _on_unblocked(self) -> None:
+        self._blocked = None
+
+    def _settle(self, tag: int, refusal: str | None) -> None:
+        found = self._inflight.pop(tag, None)
+        if found is None:
+            return
+        ticket, index, _ = found
+        refusal = self._returned.pop(tag, refusal)
+        if refusal is not None:
+            ticket.refused.append(Rejection(index, refusal))
+        ticket.outstanding -= 1
+
+    def _settle_through(self, tag: int, multiple: bool, refusal: str | None) -> None:
+        if not multiple:
+            self._settle(tag, refusal)
+            return
+        for pending in range(self._low, tag + 1):  # each tag is visited once in total
+            self._settle(pending, refusal)
+        self._low = max(self._low, tag + 1)
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
-        if multiple:
-            self._pending = {t for t in self._pending if t > tag}
-        else:
-            self._pending.discard(tag)
+        self._settle_through(tag, multiple, None)
 
     def _on_nack(self, tag: int, multiple: bool) -> None:
-        self._problems.append(f"broker nacked delivery {tag}")
-        self._on_ack(tag, multiple)
+        self._settle_through(tag, multiple, errors.NACK_REASON)
 
-    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
-        self._problems.append(
-            f"unroutable: exchange {exchange!r} routing key {routing_key!r} ({exc})"
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        """A return precedes the ack of its own publish; find that publish by its content."""
+        reason = errors.return_reason(
+            int(getattr(exc, "code", 0) or 0),
+            str(getattr(exc, "reply_text", "") or exc),
+            exchange,
+            routing_key,
         )
+        body = message.body
+        if isinstance(body, str):  # py-amqp decoded it by its content_encoding: undo that
+            body = body.encode(message.properties.get("content_encoding") or "utf-8")
+        for tag in range(self._low, self._last_tag + 1):
+            found = self._inflight.get(tag)
+            if found is None or tag in self._returned:
+                continue
+            sent = found[2]
+            if (sent.exchange, sent.routing_key, sent.body) == (exchange, routing_key, body):
+                self._returned[tag] = reason
+                return
+        self._unmatched.append(reason)  # never count a returned message as delivered
 
-    def publish(self, messages: Sequence[AmqpMessage]) -> None:
-        """Publish all, then wait until every one is confirmed; raise PublishFailed otherwise."""
-        self.send(messages)
-        self.wait()
+    # -- publishing -----------------------------------------------------------------------------
 
-    def send(self, messages: Sequence[AmqpMessage]) -> None:
-        """Publish without waiting; `wait()` must follow before the next `send()`."""
-        self._problems.clear()
-        for message in messages:
+    def publish(self, messages: Sequence[AmqpMessage]) -> list[Rejection]:
+        """Publish all and wait until each is settled; the refused ones, with reasons."""
+        return self.wait(self.send(messages))
+
+    def send(self, messages: Sequence[AmqpMessage]) -> Ticket:
+        """Publish without waiting for confirms; pass the ticket to `wait()` later."""
+        ticket = Ticket(len(messages), len(messages))
+        for index, message in enumerate(messages):
+            if self._blocked is not None:
+                self._wait_unblocked()
+            if len(message.body) > FENCE_ABOVE:
+                self._publish_alone(ticket, index, message)
+                continue
+            self._publish_one(message)
+            self._track(ticket, index, message)
+        return ticket
+
+    def _track(self, ticket: Ticket, index: int, message: AmqpMessage) -> None:
+        self._last_tag += 1
+        self._inflight[self._last_tag] = (ticket, index, message)
+
+    def _publish_alone(self, ticket: Ticket, index: int, message: AmqpMessage) -> None:
+        """A large message, fenced: if RabbitMQ refuses its size, it alone is refused."""
+        self._settle_everything()
+        size = len(message.body)
+        if self._size_limit is not None and size > self._size_limit:
+            ticket.refused.append(Rejection(index, errors.too_large_reason(size, self._size_limit)))
+            ticket.outstanding -= 1
+            return
+        try:
             self.channel.basic_publish(
                 amqp.Message(message.body, **message.properties),
                 exchange=message.exchange,
                 routing_key=message.routing_key,
                 mandatory=True,
             )
-            self._last_tag += 1
-            self._pending.add(self._last_tag)
+            self._track(ticket, index, message)
+            self._settle_everything(raw=True)
+        except amqp.exceptions.PreconditionFailed as exc:
+            found = errors.too_large(str(exc))
+            if found is None:
+                raise
+            self._size_limit = found[1]
+            self._inflight.clear()  # only this message was in flight
+            ticket.refused.append(Rejection(index, errors.too_large_reason(size, found[1])))
+            ticket.outstanding -= 1
+            self._open_channel()
 
-    def wait(self) -> None:
-        """Block until everything sent is confirmed; PublishFailed on nack/return/timeout."""
-        self._wait_for_confirms()
-        self.connection.heartbeat_tick()
-
-    def _wait_for_confirms(self) -> None:
+    def _settle_everything(self, *, raw: bool = False) -> None:
+        """Wait until nothing is in flight (every ticket's messages settled)."""
         deadline = time.monotonic() + self.confirm_timeout
-        while self._pending:
+        while self._inflight:
+            if self._blocked is not None:
+                self._wait_unblocked()
+                deadline = time.monotonic() + self.confirm_timeout
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishFailed(
-                    f"{len(self._pending)} messages not confirmed within {self.confirm_timeout}s"
+                    self.endpoint.display_url,
+                    f"{len(self._inflight)} messages not confirmed within {self.confirm_timeout}s",
                 )
-            try:
-                self.connection.drain_events(timeout=min(remaining, 1.0))
-            except TimeoutError:
-                continue
-        if self._problems:
-            raise PublishFailed("; ".join(self._problems[:3]))
+            self._drain(min(remaining, 1.0), raw=raw)
+
+    def _publish_one(self, message: AmqpMessage) -> None:
+        """basic.publish, mandatory. py-amqp's basic_publish polls the socket before every
+        publish (for connection.blocked); here that poll happens every POLL_EVERY messages,
+        which is as timely for an alarm and saves a system call per message."""
+        try:
+            self._published += 1
+            if self._published % POLL_EVERY == 0:
+                self._drain(0)
+            self.channel.send_method(
+                spec.Basic.Publish,
+                "Bssbb",
+                (0, message.exchange, message.routing_key, True, False),
+                amqp.Message(message.body, **message.properties),
+            )
+        except amqp.exceptions.PreconditionFailed as exc:
+            self._too_large(exc, message)
+            raise
+
+    def _too_large(self, exc: BaseException, sending: AmqpMessage | None = None) -> None:
+        """RabbitMQ closed the channel over max_message_size: name the message and the limit."""
+        found = errors.too_large(str(exc))
+        if found is None:
+            return
+        size, limit = found
+        candidates = [m for _, _, m in self._inflight.values()] + ([sending] if sending else [])
+        culprit = next((m for m in candidates if len(m.body) == size), None)
+        what = f"task {culprit.task_id} for {culprit.routing_key!r}" if culprit else "a message"
+        raise errors.Diagnosed(
+            errors.message_too_large(self.endpoint.display_url, size, limit, what)
+        ) from None
+
+    def wait(self, ticket: Ticket) -> list[Rejection]:
+        """Block until every message of `ticket` is settled; the refused ones, in batch order."""
+        deadline = time.monotonic() + self.confirm_timeout
+        while not ticket.settled:
+            if self._blocked is not None:
+                self._wait_unblocked()
+                deadline = time.monotonic() + self.confirm_timeout
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishFailed(
+                    self.endpoint.display_url,
+                    f"{ticket.outstanding} messages not confirmed within {self.confirm_timeout}s",
+                )
+            self._drain(min(remaining, 1.0))
+        if self._unmatched:
+            raise PublishFailed(
+                self.endpoint.display_url,
+                f"RabbitMQ returned a message that matches none in flight: {self._unmatched[0]}",
+            )
+        return sorted(ticket.refused, key=lambda refusal: refusal.index)
+
+    def _drain(self, timeout: float, *, raw: bool = False) -> None:
+        try:
+            self.connection.drain_events(timeout=timeout)
+        except TimeoutError:
+            pass
+        except amqp.exceptions.PreconditionFailed as exc:
+            if not raw:
+                self._too_large(exc)
+            raise
+        self.connection.heartbeat_tick()
+
+    def _wait_unblocked(self) -> None:
+        """A resource alarm: wait up to `blocked_timeout` for RabbitMQ to lift it, then fail."""
+        while self._blocked is not None:
+            reason, since = self._blocked
+            waited = time.monotonic() - since
+            if waited >= self.blocked_timeout:
+                self._broken = True
+                raise errors.Diagnosed(
+                    errors.blocked(self.endpoint.display_url, reason, self.blocked_timeout)
+                )
+            self._drain(min(1.0, self.blocked_timeout - waited))

@@ -383,12 +383,23 @@ class RedisSource:
     # -- removal after confirmation --------------------------------------------------------
 
     def remove_confirmed(
-        self, key: str, entries: Sequence[bytes], quarantine: Sequence[int]
+        self,
+        key: str,
+        entries: Sequence[bytes],
+        quarantine: Sequence[int],
+        *,
+        keep_marker: bool = False,
     ) -> None:
-        """Remove `entries` (as returned by `oldest`); move those at `quarantine` indexes."""
+        """Remove `entries` (as returned by `oldest`); move those at `quarantine` indexes.
+
+        `keep_marker`: another batch is still in flight, so the in-flight marker stays (the
+        caller rewrites it) instead of being deleted with the removal."""
         digests = [hashlib.sha1(entry).hexdigest() for entry in entries]
         args: list[Any] = [len(entries), *digests, *(i + 1 for i in quarantine)]
-        self._trim(keys=[key, self.own(QUARANTINE), self.own(INFLIGHT)], args=args)
+        # The script deletes the marker key it is given: a kept marker is spared by naming a
+        # key that does not exist instead.
+        marker = self.own(INFLIGHT + (".kept" if keep_marker else ""))
+        self._trim(keys=[key, self.own(QUARANTINE), marker], args=args)
 
     def remove_unacked(
         self, confirmed: Sequence[UnackedEntry], quarantine: Sequence[UnackedEntry]

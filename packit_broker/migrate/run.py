@@ -8,8 +8,9 @@ selected queues are read again: whatever is still there is reported, not assumed
 
 from __future__ import annotations
 
+import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from packit_broker.envelope import (
     split_unacked,
 )
 from packit_broker.kombu_layout import KombuLayout
-from packit_broker.migrate.amqp_sink import AmqpSink
+from packit_broker.migrate.amqp_sink import DEFAULT_BLOCKED_TIMEOUT, AmqpSink, Rejection, Ticket
 from packit_broker.migrate.redis_source import (
     LiveConsumer,
     RedisSource,
@@ -46,6 +47,7 @@ class MigrateOptions:
     fresh_unacked_seconds: float = 300.0
     recent_consumer_seconds: float = 300.0
     lock_ttl_seconds: float = 30.0
+    blocked_timeout: float = DEFAULT_BLOCKED_TIMEOUT  # how long a RabbitMQ alarm is waited out
 
 
 @dataclass
@@ -172,8 +174,14 @@ class _Decoded:
 
     entries: Sequence[bytes]
     messages: list[AmqpMessage] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # entry index of each message
     quarantine: list[int] = field(default_factory=list)  # indexes into `entries`
     reasons: list[str] = field(default_factory=list)
+    refused: list[Rejection] = field(default_factory=list)
+
+
+def _task_ids(batches: Iterable[_Decoded]) -> list[str]:
+    return [m.task_id for batch in batches for m in batch.messages if m.task_id]
 
 
 class Refused(RuntimeError):
@@ -342,7 +350,7 @@ class Migration:
         self.report.adopted_duplicates = len(self.report.possible_duplicates)
         self.report.skipped = dict(plan.skipped)
         self.report.wrong_type = dict(plan.wrong_type)
-        with AmqpSink(self.broker) as sink:
+        with AmqpSink(self.broker, blocked_timeout=self.options.blocked_timeout) as sink:
             for queue_plan in plan.queues:
                 sink.declare(queue_plan.spec)
                 self.report.migrated.setdefault(queue_plan.spec.name, 0)
@@ -383,30 +391,59 @@ class Migration:
         for index, raw in enumerate(batch):
             try:
                 decoded.messages.append(self._decode(raw, spec))
+                decoded.positions.append(index)
             except MalformedMessage as exc:
                 decoded.quarantine.append(index)
                 decoded.reasons.append(exc.reason)
         return decoded
 
+    @staticmethod
+    def _refused(batch: _Decoded, refused: Sequence[Rejection]) -> None:
+        """Messages RabbitMQ refused are quarantined with its reason; the rest is committed."""
+        batch.refused = list(refused)
+        for refusal in refused:
+            batch.quarantine.append(batch.positions[refusal.index])
+            batch.reasons.append(refusal.reason)
+
     def _move_list(self, sink: AmqpSink, spec: QueueSpec, key: str) -> None:
-        """Batch after batch; the next one is read and decoded while RabbitMQ confirms."""
-        size = self.options.batch_size
-        current = self._decode_batch(self.source.oldest(key, size), spec)
-        while current.entries:
-            self._check_lock()
-            self.source.mark_inflight(key, [m.task_id for m in current.messages if m.task_id])
-            sink.send(current.messages)
-            following = self._decode_batch(
-                self.source.following(key, len(current.entries), size), spec
+        """Two half batches in flight: the next is read, decoded and published while RabbitMQ
+        confirms the previous one; only a fully settled batch at the tail is removed. At most
+        `batch_size` messages are unconfirmed at any time (the confirm window, and so the most
+        a crash can duplicate). Late arrivals at the producing end are read once the tail is
+        drained.
+
+        The in-flight marker always names every batch that is sent but not yet removed (it is
+        rewritten before each send and after each removal), so a crash at any instant leaves
+        every possible duplicate listed. The run lock is checked before every send.
+        """
+        depth = 2 if self.options.batch_size >= 2 else 1  # batches in flight
+        size = self.options.batch_size // depth  # so at most batch_size are unconfirmed
+        inflight: collections.deque[tuple[_Decoded, Ticket]] = collections.deque()
+        skip = 0  # entries sent and not yet removed, counted from the tail
+        while True:
+            batch = self._decode_batch(self.source.following(key, skip, size), spec)
+            if batch.entries:
+                self._check_lock()
+                inflight.append((batch, Ticket(0, 0)))
+                self.source.mark_inflight(key, _task_ids(b for b, _ in inflight))
+                inflight[-1] = (batch, sink.send(batch.messages))
+                skip += len(batch.entries)
+            if not inflight:
+                return
+            if len(inflight) < depth and batch.entries:
+                continue
+            done, ticket = inflight.popleft()
+            self._refused(done, sink.wait(ticket))
+            # The Lua script re-checks that `done` is still the tail before removing it; the
+            # marker is kept (it still names the batch in flight) and rewritten right after.
+            self.source.remove_confirmed(
+                key, done.entries, done.quarantine, keep_marker=bool(inflight)
             )
-            sink.wait()
-            # The Lua script re-checks that `current` is still the tail before removing it.
-            self.source.remove_confirmed(key, current.entries, current.quarantine)
-            self.report.quarantine.extend(QuarantinedEntry(key, r) for r in current.reasons)
-            self._count(spec.name, len(current.messages))
-            current = following
-            if not current.entries:  # late arrivals at the producing end
-                current = self._decode_batch(self.source.oldest(key, size), spec)
+            skip -= len(done.entries)
+            if inflight:
+                self.source.mark_inflight(key, _task_ids(b for b, _ in inflight))
+            self.report.quarantine.extend(QuarantinedEntry(key, r) for r in done.reasons)
+            self._count(spec.name, len(done.messages) - len(done.refused))
 
     def _check_lock(self) -> None:
         if self.lock is not None:
@@ -430,8 +467,8 @@ class Migration:
         plan: Plan,
     ) -> None:
         messages: list[AmqpMessage] = []
+        owners: list[UnackedEntry] = []  # the unacked entry each message comes from
         moved: list[UnackedEntry] = []
-        ids: dict[str, list[str]] = {}
         quarantine: list[UnackedEntry] = []
         per_queue: dict[str, int] = {}
         for entry in entries:
@@ -444,18 +481,32 @@ class Migration:
             if not decoded:
                 continue  # belongs (also) to a queue that was not selected: left in Redis
             messages.extend(decoded)
+            owners.extend([entry] * len(decoded))
             moved.append(entry)
-            ids[entry.tag] = [m.task_id for m in decoded if m.task_id]
-            for message in decoded:
-                per_queue[message.routing_key] = per_queue.get(message.routing_key, 0) + 1
-        self._publish(sink, "unacked", messages)
+        refused = self._publish(sink, "unacked", messages)
+        for refusal in refused:  # a refused copy: the entry stays, quarantined, with the reason
+            entry = owners[refusal.index]
+            if entry in moved:
+                moved.remove(entry)
+                quarantine.append(entry)
+                self.report.quarantine.append(
+                    QuarantinedEntry(f"unacked[{entry.tag}]", refusal.reason)
+                )
+        refused_at = {refusal.index for refusal in refused}
+        ids: dict[str, list[str]] = {}  # per tag, the task ids RabbitMQ confirmed
+        for index, message in enumerate(messages):
+            if index in refused_at:
+                continue
+            per_queue[message.routing_key] = per_queue.get(message.routing_key, 0) + 1
+            if message.task_id:
+                ids.setdefault(owners[index].tag, []).append(message.task_id)
         changed = set(self.source.remove_unacked(moved, quarantine))
         # Published, but the entry changed or went (a worker restored or acked it) since it
         # was read: it may now exist twice.
         doubtful = [i for tag in changed for i in ids.get(tag, [])]
         self.source.add_possible_duplicates(doubtful)
         self.report.possible_duplicates.extend(doubtful)
-        self.report.unacked_migrated += len(messages)
+        self.report.unacked_migrated += len(messages) - len(refused_at)
         for queue, count in per_queue.items():
             self._count(queue, count)
 
@@ -475,11 +526,12 @@ class Migration:
             return []
         return [self._decode(envelope, selected[t]) for t in targets]
 
-    def _publish(self, sink: AmqpSink, source: str, messages: Sequence[AmqpMessage]) -> None:
+    def _publish(
+        self, sink: AmqpSink, source: str, messages: Sequence[AmqpMessage]
+    ) -> list[Rejection]:
         ids = [m.task_id for m in messages if m.task_id]
         self.source.mark_inflight(source, ids)
-        if messages:
-            sink.publish(messages)
+        return sink.publish(messages) if messages else []
 
     def _count(self, queue: str, count: int) -> None:
         self.report.migrated[queue] = self.report.migrated.get(queue, 0) + count

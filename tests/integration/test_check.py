@@ -21,6 +21,7 @@ from packit_broker.stack import Stack
 from packit_broker.stack.certs import issue_extra
 from packit_broker.stack.processes import free_port
 from packit_broker.stack.router_process import temporary_router
+from tests.integration.rabbitmqctl import memory_alarm
 
 pytestmark = pytest.mark.integration
 
@@ -142,6 +143,46 @@ def test_broker_down_behind_the_router(stack: Stack, dead_backend_router: int) -
     assert failure["layer"] == "router", failure["seen"]
     assert "broker behind the Route is down" in failure["seen"]
     assert "targetPort" in failure["seen"]
+
+
+def test_amqp_scheme_against_a_tls_port_says_use_amqps(stack: Stack) -> None:
+    """Not "the broker behind the Route is down": the broker is up and speaks TLS."""
+    account = stack.broker_account
+    url = f"amqp://{account.username}:{account.password}@127.0.0.1:{stack.amqps_port}/"
+    code, results, output = run_check({"PACKIT_BROKER_URL": url})
+    assert code == 1
+    failure = first_failure(results)
+    assert failure["layer"] == "tls", failure
+    assert "speaks TLS" in failure["seen"] and "amqp://" in failure["seen"]
+    assert "use amqps://" in failure["fix"]
+    assert "down" not in failure["seen"] + failure["fix"]
+    assert account.password not in output
+
+
+def test_memory_alarm_is_named_not_a_timeout(stack: Stack, queue_names: tuple[str, ...]) -> None:
+    env = {**stack.broker_env(), "PACKIT_BROKER_QUEUES": ",".join(queue_names)}
+    with memory_alarm(stack):
+        code, results, _ = run_check(env)
+    assert code == 1
+    failure = first_failure(results)
+    assert failure["layer"] == "resource-alarm", failure
+    assert "low on memory" in failure["seen"] and "memory alarm" in failure["seen"]
+    assert "free memory" in failure["fix"]
+
+
+def test_queue_with_other_arguments_shows_both(stack: Stack, queue_names: tuple[str, ...]) -> None:
+    with stack.amqp_connection() as conn:
+        conn.channel().queue_declare(
+            queue_names[0], durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"}
+        )
+    env = {**stack.broker_env(), "PACKIT_BROKER_QUEUES": ",".join(queue_names)}
+    code, results, _ = run_check(env)
+    assert code == 1
+    failure = first_failure(results)
+    assert failure["layer"] == "queue-arguments", failure
+    assert "exists with arguments {'x-queue-type': 'quorum'}" in failure["seen"]
+    assert "wants {}" in failure["seen"]
+    assert "PACKIT_BROKER_QUEUE_TYPE" in failure["fix"]
 
 
 # -- certificates --------------------------------------------------------------------------

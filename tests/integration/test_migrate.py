@@ -246,7 +246,7 @@ def test_usage_errors_exit_2_without_passwords(client_env: dict[str, str], redis
     wrong_redis = redis_url.replace(redis_url.split("@")[0], "redis://:wrong-password")
     failed = run_migrate(client_env, "--from", wrong_redis)
     assert failed.returncode == 1
-    assert "[redis]" in failed.stderr and "wrong-password" not in failed.stderr
+    assert "[redis-login] Redis" in failed.stderr and "wrong-password" not in failed.stderr
     no_url = run_migrate({**client_env, "PACKIT_BROKER_URL": ""}, "--from", redis_url)
     assert no_url.returncode == 2 and "PACKIT_BROKER_URL" in no_url.stderr
 

@@ -1,0 +1,114 @@
+"""The shared error classification: pure parts (RabbitMQ's texts, which side, which layer)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import amqp
+import pytest
+import redis
+
+from packit_broker import errors
+from packit_broker.errors import RABBITMQ, REDIS, classify
+
+# Texts as RabbitMQ 3.10 sends them (seen on the rig).
+ABSENT_WANTED = (
+    "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'q' in vhost '/':"
+    " received none but current is the value '5' of type 'signedint'"
+)
+BOTH_SET = (
+    "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'q' in vhost '/':"
+    " received '7' but current is '5'"
+)
+QUORUM = (
+    "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/':"
+    " received none but current is the value 'quorum' of type 'longstr'"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (ABSENT_WANTED, ("x-max-priority", None, 5)),
+        (BOTH_SET, ("x-max-priority", 7, 5)),
+        (QUORUM, ("x-queue-type", None, "quorum")),
+        ("NOT_FOUND - no queue 'q'", None),
+    ],
+)
+def test_parse_inequivalent(text: str, expected: tuple[str, Any, Any] | None) -> None:
+    assert errors.parse_inequivalent(text) == expected
+
+
+def test_existing_arguments_follows_the_broker_until_accepted() -> None:
+    """Two differing arguments: RabbitMQ names one per refusal; both are learnt."""
+    existing = {"x-queue-type": "quorum"}
+    tried: list[dict[str, Any]] = []
+
+    def declare(arguments: Mapping[str, Any]) -> None:
+        tried.append(dict(arguments))
+        if dict(arguments) != existing:
+            raise amqp.exceptions.PreconditionFailed(QUORUM)
+
+    first = ABSENT_WANTED.replace("received none", "received '9'").replace(
+        "current is the value '5' of type 'signedint'", "current is none"
+    )
+    assert errors.existing_arguments(declare, {"x-max-priority": 9}, first) == existing
+    assert tried == [{}, {"x-queue-type": "quorum"}]
+
+
+def test_existing_arguments_unparsable_is_none() -> None:
+    assert errors.existing_arguments(lambda _: None, {}, "something else") is None
+
+
+def test_too_large() -> None:
+    text = "PRECONDITION_FAILED - message size 2000000 is larger than configured max size 1048576"
+    assert errors.too_large(text) == (2000000, 1048576)
+    assert errors.too_large("PRECONDITION_FAILED - other") is None
+
+
+@pytest.mark.parametrize(
+    ("exc", "layer"),
+    [
+        (
+            redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+            "redis-replica",
+        ),
+        (redis.exceptions.AuthenticationError("invalid username-password pair"), "redis-login"),
+        (redis.exceptions.ResponseError(errors.LIST_CHANGED), "concurrent-writer"),
+        (redis.exceptions.NoPermissionError("NOPERM this user has no permissions"), "permission"),
+    ],
+)
+def test_redis_errors_are_on_the_redis_side(exc: BaseException, layer: str) -> None:
+    found = classify(exc, REDIS, "redis://***@h:6379/0", connected=True)
+    assert (found.side, found.layer) == (REDIS, layer)
+    assert str(found).startswith(f"[{layer}] Redis at redis://***@h:6379/0: ")
+
+
+def test_a_tls_error_after_connecting_is_a_lost_connection_not_a_handshake() -> None:
+    exc = ssl.SSLError(1, "[SSL: BAD_LENGTH] bad length")
+    during = classify(exc, RABBITMQ, "amqps://u:***@h:443/", "h", connected=True)
+    assert during.layer == "connection" and "handshake" not in str(during)
+    before = classify(exc, RABBITMQ, "amqps://u:***@h:443/", "h")
+    assert before.layer == "tls"
+
+
+def test_blocked_names_memory_or_disk() -> None:
+    memory = errors.blocked("e", "low on memory", 3)
+    disk = errors.blocked("e", "low on disk", 3)
+    assert memory.layer == disk.layer == "resource-alarm"
+    assert "memory alarm" in memory.seen and "free memory" in memory.fix
+    assert "disk alarm" in disk.seen and "free disk space" in disk.fix
+
+
+def test_rabbitmq_access_refused_is_login_or_permission() -> None:
+    login = amqp.exceptions.AccessRefused("Login was refused using authentication mechanism")
+    queue = amqp.exceptions.AccessRefused("access to queue 'q' in vhost '/' refused")
+    assert classify(login, RABBITMQ, "e").layer == "amqp-login"
+    assert classify(queue, RABBITMQ, "e").layer == "permission"
+
+
+def test_diagnosed_passes_through() -> None:
+    known = errors.blocked("e", "low on memory", 1)
+    assert classify(errors.Diagnosed(known), RABBITMQ, "other") is known
