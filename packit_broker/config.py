@@ -26,7 +26,8 @@ DEFAULT_AMQPS_PORT = 5671
 DEFAULT_AMQP_PORT = 5672
 DEFAULT_POSTGRES_PORT = 5432
 DEFAULT_REDIS_PORT = 6379
-DEFAULT_HEARTBEAT = 60
+#: AMQP heartbeat (s); why 10: packit_broker.recovery (a cut node noticed in 20-25 s).
+DEFAULT_HEARTBEAT = 10
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 

@@ -185,6 +185,21 @@ NACK_REASON = (
 )
 
 
+def queue_refuses_all(endpoint: str, queue: str, waited: float) -> Diagnosis:
+    """Every message for `queue` nacked through the whole retry window: not a poison message."""
+    return Diagnosis(
+        RABBITMQ,
+        "queue-unavailable",
+        endpoint,
+        f"RabbitMQ refused (basic.nack) every message for {queue!r} and accepted none for"
+        f" {waited:.0f} s: the queue has no leader (a quorum queue that lost its majority, nodes"
+        " down or partitioned) or is full with overflow reject-publish",
+        "check `rabbitmq-queues quorum_status QUEUE` / `rabbitmq-diagnostics cluster_status`"
+        " and the queue's length policy, then rerun (nothing of the refused batch left Redis;"
+        " a longer --nack-retry-seconds waits longer)",
+    )
+
+
 def return_reason(code: int, text: str, exchange: str, routing_key: str) -> str:
     return (
         f"RabbitMQ returned it as unroutable ({code} {text}): exchange {exchange!r} with routing"

@@ -25,9 +25,10 @@ from typing import Any
 
 from packit_broker.config import DEFAULT_HEARTBEAT
 
-#: AMQP heartbeat (s) that workers propose; the smaller non-zero of client and server wins.
-#: RabbitMQ's guidance is 5-20 s; below 5 s a busy client risks false positives.
-HEARTBEAT = 10
+#: AMQP heartbeat (s) that clients propose (config.DEFAULT_HEARTBEAT, the one definition); the
+#: smaller non-zero of client and server wins. RabbitMQ's guidance is 5-20 s; below 5 s a busy
+#: client risks false positives.
+HEARTBEAT = DEFAULT_HEARTBEAT
 #: TCP + TLS + AMQP handshake through the router (Celery's `broker_connection_timeout`).
 CONNECT_TIMEOUT = 5.0
 #: Longest wait for one read or write on an established connection (py-amqp's socket
@@ -62,15 +63,12 @@ MAX_PUBLISH_BLOCK = max_publish_block()
 def recovery_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The Celery settings above, merged into `config`'s broker settings (returned, not set).
 
-    A heartbeat configured away from the package default (PACKIT_BROKER_HEARTBEAT) is kept,
-    0 included (no heartbeats).
+    The heartbeat itself is PACKIT_BROKER_HEARTBEAT (default HEARTBEAT), already in `config`.
     """
-    heartbeat = config.get("broker_heartbeat", DEFAULT_HEARTBEAT)
     transport = dict(config.get("broker_transport_options") or {})
     transport.setdefault("read_timeout", READ_TIMEOUT)
     transport.setdefault("write_timeout", WRITE_TIMEOUT)
     return {
-        "broker_heartbeat": HEARTBEAT if heartbeat == DEFAULT_HEARTBEAT else heartbeat,
         "broker_connection_timeout": CONNECT_TIMEOUT,
         "broker_transport_options": transport,
         "task_publish_retry": True,

@@ -158,6 +158,14 @@ class _Progress:
     show_default=True,
     help="Seconds to wait out a RabbitMQ resource alarm (connection.blocked) before failing.",
 )
+@click.option(
+    "--nack-retry-seconds",
+    type=click.FloatRange(0),
+    default=30,
+    show_default=True,
+    help="Seconds to keep publishing again what RabbitMQ nacks (a quorum queue electing a"
+    " leader) before a message is taken for poison, or its queue for unavailable.",
+)
 def migrate(
     source_url: str,
     queues: tuple[str, ...],
@@ -171,6 +179,7 @@ def migrate(
     key_prefix: str,
     transport_options: str | None,
     blocked_timeout: float,
+    nack_retry_seconds: float,
     **flags: Any,
 ) -> None:
     """Move every pending Celery message from Redis to RabbitMQ, losing none.
@@ -197,6 +206,7 @@ def migrate(
         force=force,
         max_message_size=max_message_size,
         blocked_timeout=blocked_timeout,
+        nack_retry_seconds=nack_retry_seconds,
     )
     try:
         redis_display = redis_from_url(source_url).display_url

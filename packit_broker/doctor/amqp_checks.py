@@ -12,7 +12,7 @@ from typing import Any
 
 from packit_broker import errors
 from packit_broker.amqp_client import BlockAwareConnection
-from packit_broker.config import BrokerEndpoint, TLSSettings
+from packit_broker.config import DEFAULT_HEARTBEAT, BrokerEndpoint, TLSSettings
 from packit_broker.doctor.results import CheckResult, _Report
 from packit_broker.doctor.tls_probe import (
     _PLAINTEXT_MARKERS,
@@ -247,7 +247,8 @@ def _heartbeat(report: _Report, connection: Any) -> None:
             "heartbeat",
             "heartbeat 0 (off): an idle connection is cut by the router after its tunnel"
             f" timeout ({DEFAULT_TUNNEL_TIMEOUT}) without anyone noticing",
-            "set PACKIT_BROKER_HEARTBEAT=60 (and broker_heartbeat in Celery) or the"
+            f"set PACKIT_BROKER_HEARTBEAT={DEFAULT_HEARTBEAT} (the default; celery_config() sets"
+            " broker_heartbeat from it) or the"
             " haproxy.router.openshift.io/timeout-tunnel annotation above the idle time",
         )
     elif heartbeat * 2 >= TUNNEL_TIMEOUT_SECONDS:
@@ -255,7 +256,7 @@ def _heartbeat(report: _Report, connection: Any) -> None:
             "heartbeat",
             f"heartbeat {heartbeat} s is not well below the tunnel timeout"
             f" ({DEFAULT_TUNNEL_TIMEOUT})",
-            "use a heartbeat of about 60 s",
+            f"use a heartbeat of about {DEFAULT_HEARTBEAT} s (PACKIT_BROKER_HEARTBEAT)",
         )
     else:
         report.ok(

@@ -155,7 +155,13 @@ def _unverified_context(tls: TLSSettings, alpn: Sequence[str]) -> ssl.SSLContext
 
 
 def _is_eof(exc: BaseException) -> bool:
-    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | EOFError | BrokenPipeError):
+    """The peer closed the connection (during or right after the handshake).
+
+    A close right after the ClientHello is SSLZeroReturnError on Debian's CPython 3.11.2 and
+    SSLEOFError on 3.11.7+: both mean the same to the user.
+    """
+    closed = ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError | EOFError
+    if isinstance(exc, closed | BrokenPipeError):
         return True
     text = str(exc)
     return (

@@ -7,6 +7,14 @@ in flight at once, so the caller can read and publish the next batch while the p
 being confirmed; every refusal is attributed to its own message, so one poison message never
 fails its batch.
 
+A nack is first taken for what it usually is, a passing state of the queue (a quorum queue
+electing a new leader after a node loss, a node restarting): the nacked messages are published
+again with growing pauses, up to `nack_retry_seconds`. Only a message the queue keeps refusing
+while it accepts others after it is a poison message, refused alone. A queue that accepts
+nothing for the whole window fails the run instead (its batch stays in Redis): quarantining a
+healthy batch because its queue had no leader would strand it. A retried message lands behind
+those published meanwhile (FIFO within its priority is kept for all others).
+
 What fails the whole run instead raises `Diagnosed` (or the client library's error): a queue
 declared with other arguments, a resource alarm that outlasts `blocked_timeout`, a message
 over the broker's max_message_size (RabbitMQ closes the channel), a lost connection.
@@ -30,6 +38,10 @@ from packit_broker.queues import QueueSpec
 from packit_broker.tls import amqp_ssl_options
 
 DEFAULT_BLOCKED_TIMEOUT = 300.0
+#: How long nacked messages are retried: a quorum queue's leader election after a node loss
+#: takes seconds; a restarting node's queue up to its boot time.
+DEFAULT_NACK_RETRY_SECONDS = 30.0
+FIRST_NACK_RETRY = 0.25  # then doubling, within DEFAULT_NACK_RETRY_SECONDS
 #: Bodies above this are published alone, after everything before them is confirmed: if
 #: RabbitMQ's max_message_size closes the channel over one, nothing else is left uncertain.
 FENCE_ABOVE = 64 * 1024
@@ -68,6 +80,8 @@ class Ticket:
     size: int
     outstanding: int
     refused: list[Rejection] = field(default_factory=list)
+    #: nacked, to be published again: (index in the batch, message, when first nacked)
+    nacked: list[tuple[int, AmqpMessage, float]] = field(default_factory=list)
 
     @property
     def settled(self) -> bool:
@@ -82,10 +96,12 @@ class AmqpSink:
         connect_timeout: float = 10,
         confirm_timeout: float = 60,
         blocked_timeout: float = DEFAULT_BLOCKED_TIMEOUT,
+        nack_retry_seconds: float = DEFAULT_NACK_RETRY_SECONDS,
     ) -> None:
         self.endpoint = endpoint
         self.confirm_timeout = confirm_timeout
         self.blocked_timeout = blocked_timeout
+        self.nack_retry_seconds = nack_retry_seconds
         self.connection = BlockAwareConnection(
             str(endpoint.dial),
             userid=endpoint.username,
@@ -107,6 +123,7 @@ class AmqpSink:
         self._broken = False
         self._size_limit: int | None = None  # RabbitMQ's max_message_size, once learnt
         self._published = 0
+        self._accepted_at: dict[str, float] = {}  # routing key -> when RabbitMQ last acked one
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -175,10 +192,16 @@ class AmqpSink:
         found = self._inflight.pop(tag, None)
         if found is None:
             return
-        ticket, index, _ = found
-        refusal = self._returned.pop(tag, refusal)
-        if refusal is not None:
+        ticket, index, message = found
+        returned = self._returned.pop(tag, None)
+        if returned is not None:
+            ticket.refused.append(Rejection(index, returned))
+        elif refusal == errors.NACK_REASON:
+            ticket.nacked.append((index, message, time.monotonic()))
+        elif refusal is not None:
             ticket.refused.append(Rejection(index, refusal))
+        else:
+            self._accepted_at[message.routing_key] = time.monotonic()
         ticket.outstanding -= 1
 
     def _settle_through(self, tag: int, multiple: bool, refusal: str | None) -> None:
@@ -313,7 +336,14 @@ class AmqpSink:
         ) from None
 
     def wait(self, ticket: Ticket) -> list[Rejection]:
-        """Block until every message of `ticket` is settled; the refused ones, in batch order."""
+        """Block until every message of `ticket` is settled; the refused ones, in batch order.
+
+        Nacked messages are published again first (see the module's docstring)."""
+        self._await(ticket)
+        self._retry_nacked(ticket)
+        return sorted(ticket.refused, key=lambda refusal: refusal.index)
+
+    def _await(self, ticket: Ticket) -> None:
         deadline = time.monotonic() + self.confirm_timeout
         while not ticket.settled:
             if self._blocked is not None:
@@ -331,7 +361,37 @@ class AmqpSink:
                 self.endpoint.display_url,
                 f"RabbitMQ returned a message that matches none in flight: {self._unmatched[0]}",
             )
-        return sorted(ticket.refused, key=lambda refusal: refusal.index)
+
+    def _retry_nacked(self, ticket: Ticket) -> None:
+        """Publish nacked messages again, pausing 0.25, 0.5, 1, ... s, within the retry window;
+        then sort what is still nacked into poison (its queue accepted others since) or a
+        queue that refuses everything (the run fails, nothing of the batch is removed)."""
+        pause, started = FIRST_NACK_RETRY, time.monotonic()
+        while ticket.nacked and time.monotonic() + pause - started <= self.nack_retry_seconds:
+            self._pause(pause)
+            pause *= 2
+            pending, ticket.nacked = ticket.nacked, []
+            again = self.send([message for _, message, _ in pending])
+            self._await(again)
+            ticket.refused.extend(Rejection(pending[r.index][0], r.reason) for r in again.refused)
+            ticket.nacked = [(pending[i][0], m, pending[i][2]) for i, m, _ in again.nacked]
+        for index, message, first_nacked in ticket.nacked:
+            if self._accepted_at.get(message.routing_key, -1.0) <= first_nacked:
+                raise errors.Diagnosed(
+                    errors.queue_refuses_all(
+                        self.endpoint.display_url,
+                        message.routing_key,
+                        time.monotonic() - started,
+                    )
+                )
+            ticket.refused.append(Rejection(index, errors.NACK_REASON))
+        ticket.nacked = []
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep while still reading the connection (acks of other batches, heartbeats)."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            self._drain(min(left, 1.0))
 
     def _drain(self, timeout: float, *, raw: bool = False) -> None:
         try:

@@ -22,7 +22,13 @@ from packit_broker.envelope import (
     split_unacked,
 )
 from packit_broker.kombu_layout import KombuLayout
-from packit_broker.migrate.amqp_sink import DEFAULT_BLOCKED_TIMEOUT, AmqpSink, Rejection, Ticket
+from packit_broker.migrate.amqp_sink import (
+    DEFAULT_BLOCKED_TIMEOUT,
+    DEFAULT_NACK_RETRY_SECONDS,
+    AmqpSink,
+    Rejection,
+    Ticket,
+)
 from packit_broker.migrate.redis_source import (
     LiveConsumer,
     RedisSource,
@@ -48,6 +54,7 @@ class MigrateOptions:
     recent_consumer_seconds: float = 300.0
     lock_ttl_seconds: float = 30.0
     blocked_timeout: float = DEFAULT_BLOCKED_TIMEOUT  # how long a RabbitMQ alarm is waited out
+    nack_retry_seconds: float = DEFAULT_NACK_RETRY_SECONDS  # how long nacked ones are retried
 
 
 @dataclass
@@ -350,7 +357,11 @@ class Migration:
         self.report.adopted_duplicates = len(self.report.possible_duplicates)
         self.report.skipped = dict(plan.skipped)
         self.report.wrong_type = dict(plan.wrong_type)
-        with AmqpSink(self.broker, blocked_timeout=self.options.blocked_timeout) as sink:
+        with AmqpSink(
+            self.broker,
+            blocked_timeout=self.options.blocked_timeout,
+            nack_retry_seconds=self.options.nack_retry_seconds,
+        ) as sink:
             for queue_plan in plan.queues:
                 sink.declare(queue_plan.spec)
                 self.report.migrated.setdefault(queue_plan.spec.name, 0)

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from packit_broker.commands.check import check
-from packit_broker.config import HostPort
+from packit_broker.config import DEFAULT_HEARTBEAT, HostPort
 from packit_broker.doctor import server_version_problem
 from packit_broker.router import PassthroughRoute
 from packit_broker.stack import Stack
@@ -57,7 +57,7 @@ def test_healthy_broker_and_database_through_the_router(
     assert "SNI rabbitmq.apps.packit.test" in by_layer[("broker", "tls")]["seen"]
     assert by_layer[("broker", "certificate")]["status"] == "ok"
     assert by_layer[("broker", "heartbeat")]["status"] == "ok"
-    assert "60 s" in by_layer[("broker", "heartbeat")]["seen"]
+    assert f"{DEFAULT_HEARTBEAT} s" in by_layer[("broker", "heartbeat")]["seen"]
     assert by_layer[("broker", "round-trip")]["status"] == "ok"
     assert " ms" in by_layer[("broker", "round-trip")]["seen"]
     assert by_layer[("database", "version")]["status"] == "ok"

@@ -243,8 +243,9 @@ def test_message_rabbitmq_nacks_alone_is_quarantined_rest_committed(
     report_file = tmp_path / "report.json"
     with policy(stack, f"poison-{queue}", f"^{queue}$", limit):
         done = run_migrate(
-            client_env, "--from", redis_url, "--queue", queue, "--report", str(report_file)
-        )
+            client_env, "--from", redis_url, "--queue", queue, "--report", str(report_file),
+            "--nack-retry-seconds", "2",
+        )  # fmt: skip
         assert done.returncode == 4, done.stderr
         assert ids_in(stack, queue) == [*before, *after]
     report = json.loads(report_file.read_text())
@@ -379,3 +380,56 @@ def test_another_client_popping_the_list_is_named(
     taken = {json.loads(raw)["headers"]["id"] for raw in stolen}
     delivered = set(ids_in(stack, queue))
     assert left | taken | delivered == expected, "a message vanished"
+
+
+# -- RabbitMQ: a queue that refuses everything for a while (no leader, full) ------------------
+
+REFUSE_ALL = json.dumps({"max-length": 0, "overflow": "reject-publish"})
+
+
+def test_queue_refusing_everything_fails_the_run_and_leaves_redis_whole(
+    stack: Stack, client_env: dict[str, str], queue_names: tuple[str, str, str], redis_url: str
+) -> None:
+    """Every message nacked and none accepted through the retry window: that is a queue that is
+    unavailable (no quorum leader, or full), not a batch of poison messages. Quarantining them
+    would strand healthy tasks; the run fails naming the queue and nothing leaves Redis."""
+    queue = queue_names[0]
+    ids = fill(redis_url, queue, 30)
+    client = redis.Redis.from_url(redis_url)
+    before = client.lrange(queue, 0, -1)
+    with policy(stack, f"refuse-{queue}", f"^{queue}$", REFUSE_ALL):
+        done = run_migrate(
+            client_env, "--from", redis_url, "--queue", queue, "--nack-retry-seconds", "1"
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "[queue-unavailable] RabbitMQ" in done.stderr
+    assert f"every message for {queue!r}" in done.stderr
+    assert client.lrange(queue, 0, -1) == before  # all of it still in Redis, byte-exact
+    assert client.llen("packit_broker.quarantine") == 0
+    assert queue_depth(stack, queue) == 0
+    assert_secret_free(stack, done.stdout + done.stderr)
+    assert len(ids) == 30
+
+
+def test_refusals_that_pass_within_the_retry_window_deliver_everything_in_order(
+    stack: Stack, client_env: dict[str, str], queue_names: tuple[str, str, str], redis_url: str
+) -> None:
+    """A queue that refuses for a few seconds (as a quorum queue does while it elects a new
+    leader) and then accepts: every message arrives, in order, none is quarantined."""
+    queue = queue_names[0]
+    ids = fill(redis_url, queue, 50)
+    with policy(stack, f"refuse-{queue}", f"^{queue}$", REFUSE_ALL):
+        running = subprocess.Popen(
+            [sys.executable, "-m", "packit_broker", "migrate", "--from", redis_url,
+             "--queue", queue, "--nack-retry-seconds", "60"],
+            env={**os.environ, **client_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while queue_depth(stack, queue) < 0 and time.monotonic() < deadline:
+            time.sleep(0.2)  # declared: publishing (and being refused) has begun
+        time.sleep(2)
+    out, err = running.communicate(timeout=120)
+    assert running.returncode == 0, out + err
+    assert ids_in(stack, queue) == ids
+    assert redis.Redis.from_url(redis_url).llen("packit_broker.quarantine") == 0
