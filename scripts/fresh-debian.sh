@@ -247,6 +247,9 @@ mnt() {
 
 mount_system_dirs() {
   local root=$1 release=$2 n
+  # / must be a mount point, as on a real machine: `ip netns exec` / `ip -n` begin with
+  # `mount --make-rslave /`, which fails with EINVAL on a plain chroot folder.
+  mnt "$root" --bind "$root"
   mnt "$root/proc" -t proc -o nosuid,nodev,noexec proc
   mnt "$root/sys" -t sysfs -o ro,nosuid,nodev,noexec sysfs
   # A /dev of its own: the usual nodes bound from the host, its own ptys and shared memory.
