@@ -40,12 +40,27 @@ def memory_alarm(stack: Stack) -> Iterator[None]:
 
 @contextlib.contextmanager
 def max_message_size(stack: Stack, limit: int) -> Iterator[None]:
-    """rabbitmq.conf's max_message_size, set at runtime (channels opened later obey it)."""
-    rabbitmqctl(stack, "eval", f"application:set_env(rabbit, max_message_size, {limit}).")
+    """rabbitmq.conf's max_message_size, set at runtime.
+
+    RabbitMQ 3.x channels read it from the application environment when they open; 4.x reads
+    it from a persistent_term (rabbit_channel:check_msg_size/2): both are set, both restored.
+    """
+    old = rabbitmqctl(stack, "eval", "persistent_term:get(max_message_size, undefined).").strip()
+    rabbitmqctl(
+        stack,
+        "eval",
+        f"application:set_env(rabbit, max_message_size, {limit}),"
+        f" persistent_term:put(max_message_size, {limit}).",
+    )
     try:
         yield
     finally:
-        rabbitmqctl(stack, "eval", "application:unset_env(rabbit, max_message_size).")
+        restore = (
+            "persistent_term:erase(max_message_size)"
+            if old == "undefined"
+            else f"persistent_term:put(max_message_size, {int(old)})"
+        )
+        rabbitmqctl(stack, "eval", f"application:unset_env(rabbit, max_message_size), {restore}.")
 
 
 @contextlib.contextmanager
