@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import amqp
@@ -24,8 +23,10 @@ from amqp import spec
 
 from packit_broker import errors
 from packit_broker.amqp_client import BlockAwareConnection
+from packit_broker.codecs import AmqpMessage, to_amqp
 from packit_broker.config import BrokerEndpoint
-from packit_broker.envelope import AmqpMessage
+from packit_broker.messages import TaskMessage
+from packit_broker.migrate.protocols import Rejection, Ticket
 from packit_broker.queues import QueueSpec
 from packit_broker.tls import amqp_ssl_options
 
@@ -53,28 +54,9 @@ class PublishFailed(errors.Diagnosed):
         )
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """One message of a batch that RabbitMQ did not take, and why (the broker's reason)."""
-
-    index: int  # position in the batch passed to `send`
-    reason: str
-
-
-@dataclass
-class Ticket:
-    """A batch in flight: how many of its messages RabbitMQ has still to settle."""
-
-    size: int
-    outstanding: int
-    refused: list[Rejection] = field(default_factory=list)
-
-    @property
-    def settled(self) -> bool:
-        return self.outstanding == 0
-
-
 class AmqpSink:
+    """The RabbitMQ sink of the migration driver (packit_broker.migrate.protocols.Sink)."""
+
     def __init__(
         self,
         endpoint: BrokerEndpoint,
@@ -82,8 +64,10 @@ class AmqpSink:
         connect_timeout: float = 10,
         confirm_timeout: float = 60,
         blocked_timeout: float = DEFAULT_BLOCKED_TIMEOUT,
+        max_message_size: int | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.max_message_size = max_message_size
         self.confirm_timeout = confirm_timeout
         self.blocked_timeout = blocked_timeout
         self.connection = BlockAwareConnection(
@@ -138,6 +122,21 @@ class AmqpSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the driver's seam ----------------------------------------------------------------------
+
+    def prepare(self, target: QueueSpec) -> None:
+        self.declare(target)
+
+    def encode(self, message: TaskMessage, target: QueueSpec) -> AmqpMessage:
+        """What reaches `target` (its own binding kept); MalformedMessage if it cannot."""
+        return to_amqp(
+            message,
+            queue=target.name,
+            max_priority=target.max_priority,
+            binding=(target.exchange, target.routing_key),
+            max_size=self.max_message_size,
+        )
 
     # -- declarations ---------------------------------------------------------------------------
 
@@ -343,6 +342,13 @@ class AmqpSink:
                 self._too_large(exc)
             raise
         self.connection.heartbeat_tick()
+
+    def idle(self, seconds: float) -> None:
+        """Wait `seconds` while keeping the connection healthy: heartbeats sent and checked,
+        alarms and stray acks read (a bridge idles for hours between producers' tasks)."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._drain(min(remaining, 1.0))
 
     def _wait_unblocked(self) -> None:
         """A resource alarm: wait up to `blocked_timeout` for RabbitMQ to lift it, then fail."""
