@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from packit_broker.config import (
 from packit_broker.errors import RABBITMQ, REDIS, Diagnosed, classify
 from packit_broker.kombu_layout import KombuLayout, LayoutError
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Report, make_plan
+from packit_broker.migrate.metrics import FollowMetrics
 from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
 from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -72,22 +75,37 @@ def _print_plan(plan: Plan) -> None:
 
 
 class _Progress:
-    def __init__(self, total: int, as_json: bool) -> None:
+    """A bar for a one-shot run; with --follow, moved per queue on one refreshed TTY line."""
+
+    def __init__(self, total: int, as_json: bool, *, follow: bool = False) -> None:
         self.as_json = as_json
         self.done = 0
         self.total = total
         self.bar = None
-        if not as_json and sys.stderr.isatty():
+        self.follow_line = follow and not as_json and sys.stderr.isatty()
+        self.moved: dict[str, int] = {}
+        if not as_json and not follow and sys.stderr.isatty():
             self.bar = click.progressbar(length=total, label="migrating", file=sys.stderr)
             self.bar.__enter__()
 
     def __call__(self, queue: str, count: int) -> None:
         self.done += count
+        self.moved[queue] = self.moved.get(queue, 0) + count
         if self.as_json:
             event = {"event": "progress", "queue": queue, "moved": self.done, "total": self.total}
             click.echo(json.dumps(event))
         elif self.bar is not None:
             self.bar.update(count)
+        elif self.follow_line:
+            line = "  ".join(f"{q}: {n} moved" for q, n in sorted(self.moved.items()))
+            click.echo(f"\r{line}", nl=False, err=True)
+
+    def notify(self, text: str) -> None:
+        """What the operator must see (a pause, a resume, the end), on its own line."""
+        if self.as_json:
+            click.echo(json.dumps({"event": "notice", "text": text}))
+        else:
+            click.echo(("\n" if self.follow_line else "") + text, err=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -166,6 +184,23 @@ class _Progress:
     help="Seconds to keep publishing again what RabbitMQ nacks (a quorum queue electing a"
     " leader) before a message is taken for poison, or its queue for unavailable.",
 )
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="After the backlog, keep moving what producers still push into Redis, until"
+    " SIGTERM/SIGINT (finish the batch in flight, write the report, exit 0) or --until-idle.",
+)
+@click.option(
+    "--until-idle",
+    type=click.FloatRange(0, min_open=True),
+    metavar="SECONDS",
+    help="With --follow: stop once the selected queues stayed empty this long.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="With --follow: serve Prometheus metrics at http://0.0.0.0:PORT/metrics.",
+)
 def migrate(
     source_url: str,
     queues: tuple[str, ...],
@@ -180,6 +215,9 @@ def migrate(
     transport_options: str | None,
     blocked_timeout: float,
     nack_retry_seconds: float,
+    follow: bool,
+    until_idle: float | None,
+    metrics_port: int | None,
     **flags: Any,
 ) -> None:
     """Move every pending Celery message from Redis to RabbitMQ, losing none.
@@ -188,8 +226,11 @@ def migrate(
     leaves state from which rerunning the same command finishes the job. Exit codes: 0 done,
     4 done with quarantined messages, 5 done but something of the selected queues is still in
     Redis (named), 3 refused (Redis still consumed, another layout, another migrator running),
-    2 usage, 1 failed.
+    2 usage, 1 failed. With --follow: 0 after SIGTERM/SIGINT or --until-idle (the report
+    names what is still pending and every possible duplicate).
     """
+    if (until_idle is not None or metrics_port is not None) and not follow:
+        raise click.UsageError("--until-idle and --metrics-port need --follow")
     env = _environment(flags)
     try:
         broker = broker_from_env(env)
@@ -207,6 +248,8 @@ def migrate(
         max_message_size=max_message_size,
         blocked_timeout=blocked_timeout,
         nack_retry_seconds=nack_retry_seconds,
+        follow=follow,
+        until_idle=until_idle,
     )
     try:
         redis_display = redis_from_url(source_url).display_url
@@ -227,9 +270,26 @@ def migrate(
             _print_plan(plan)
         sys.exit(EXIT_REFUSED if plan.layout_refusal else EXIT_OK)
     total = sum(q.total for q in plan.queues) + plan.unacked_total
-    progress = _Progress(total, as_json)
+    progress = _Progress(total, as_json, follow=follow)
+    stop = threading.Event()
+    metrics = FollowMetrics() if follow else None
+    if follow:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        if metrics is not None and metrics_port is not None:
+            metrics.serve(metrics_port)
     try:
-        report = Migration(source, broker, queue_settings, options, progress).run(plan)
+        migration = Migration(
+            source,
+            broker,
+            queue_settings,
+            options,
+            progress,
+            stop=stop,
+            metrics=metrics,
+            notify=progress.notify,
+        )
+        report = migration.run(plan)
     except Refused as exc:
         progress.close()
         fix = (
@@ -268,7 +328,7 @@ def migrate(
         _print_summary(data)
     # Only now that the report is out may Redis forget which tasks may exist twice.
     source.clear_possible_duplicates(len(report.possible_duplicates))
-    sys.exit(_exit_code(report))
+    sys.exit(EXIT_OK if follow and stop.is_set() else _exit_code(report))
 
 
 def _exit_code(report: Report) -> int:

@@ -32,8 +32,10 @@ from amqp import spec
 
 from packit_broker import errors
 from packit_broker.amqp_client import BlockAwareConnection
+from packit_broker.codecs import AmqpMessage, to_amqp
 from packit_broker.config import BrokerEndpoint
-from packit_broker.envelope import AmqpMessage
+from packit_broker.messages import TaskMessage
+from packit_broker.migrate.protocols import Rejection, Ticket
 from packit_broker.queues import QueueSpec
 from packit_broker.tls import amqp_ssl_options
 
@@ -65,30 +67,17 @@ class PublishFailed(errors.Diagnosed):
         )
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """One message of a batch that RabbitMQ did not take, and why (the broker's reason)."""
-
-    index: int  # position in the batch passed to `send`
-    reason: str
-
-
 @dataclass
-class Ticket:
-    """A batch in flight: how many of its messages RabbitMQ has still to settle."""
+class AmqpTicket(Ticket):
+    """A Ticket that also holds what RabbitMQ nacked, to be published again."""
 
-    size: int
-    outstanding: int
-    refused: list[Rejection] = field(default_factory=list)
-    #: nacked, to be published again: (index in the batch, message, when first nacked)
+    #: (index in the batch, message, when first nacked)
     nacked: list[tuple[int, AmqpMessage, float]] = field(default_factory=list)
-
-    @property
-    def settled(self) -> bool:
-        return self.outstanding == 0
 
 
 class AmqpSink:
+    """The RabbitMQ sink of the migration driver (packit_broker.migrate.protocols.Sink)."""
+
     def __init__(
         self,
         endpoint: BrokerEndpoint,
@@ -97,8 +86,10 @@ class AmqpSink:
         confirm_timeout: float = 60,
         blocked_timeout: float = DEFAULT_BLOCKED_TIMEOUT,
         nack_retry_seconds: float = DEFAULT_NACK_RETRY_SECONDS,
+        max_message_size: int | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.max_message_size = max_message_size
         self.confirm_timeout = confirm_timeout
         self.blocked_timeout = blocked_timeout
         self.nack_retry_seconds = nack_retry_seconds
@@ -116,7 +107,7 @@ class AmqpSink:
         self.channel: Any = None
         self._last_tag = 0
         self._low = 1  # every tag below is settled
-        self._inflight: dict[int, tuple[Ticket, int, AmqpMessage]] = {}
+        self._inflight: dict[int, tuple[AmqpTicket, int, AmqpMessage]] = {}
         self._returned: dict[int, str] = {}
         self._unmatched: list[str] = []
         self._blocked: tuple[str, float] | None = None
@@ -155,6 +146,21 @@ class AmqpSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the driver's seam ----------------------------------------------------------------------
+
+    def prepare(self, target: QueueSpec) -> None:
+        self.declare(target)
+
+    def encode(self, message: TaskMessage, target: QueueSpec) -> AmqpMessage:
+        """What reaches `target` (its own binding kept); MalformedMessage if it cannot."""
+        return to_amqp(
+            message,
+            queue=target.name,
+            max_priority=target.max_priority,
+            binding=(target.exchange, target.routing_key),
+            max_size=self.max_message_size,
+        )
 
     # -- declarations ---------------------------------------------------------------------------
 
@@ -245,9 +251,9 @@ class AmqpSink:
         """Publish all and wait until each is settled; the refused ones, with reasons."""
         return self.wait(self.send(messages))
 
-    def send(self, messages: Sequence[AmqpMessage]) -> Ticket:
+    def send(self, messages: Sequence[AmqpMessage]) -> AmqpTicket:
         """Publish without waiting for confirms; pass the ticket to `wait()` later."""
-        ticket = Ticket(len(messages), len(messages))
+        ticket = AmqpTicket(len(messages), len(messages))
         for index, message in enumerate(messages):
             if self._blocked is not None:
                 self._wait_unblocked()
@@ -258,11 +264,11 @@ class AmqpSink:
             self._track(ticket, index, message)
         return ticket
 
-    def _track(self, ticket: Ticket, index: int, message: AmqpMessage) -> None:
+    def _track(self, ticket: AmqpTicket, index: int, message: AmqpMessage) -> None:
         self._last_tag += 1
         self._inflight[self._last_tag] = (ticket, index, message)
 
-    def _publish_alone(self, ticket: Ticket, index: int, message: AmqpMessage) -> None:
+    def _publish_alone(self, ticket: AmqpTicket, index: int, message: AmqpMessage) -> None:
         """A large message, fenced: if RabbitMQ refuses its size, it alone is refused."""
         self._settle_everything()
         size = len(message.body)
@@ -339,6 +345,8 @@ class AmqpSink:
         """Block until every message of `ticket` is settled; the refused ones, in batch order.
 
         Nacked messages are published again first (see the module's docstring)."""
+        if not isinstance(ticket, AmqpTicket):
+            raise TypeError(f"not a ticket of this sink: {ticket!r}")
         self._await(ticket)
         self._retry_nacked(ticket)
         return sorted(ticket.refused, key=lambda refusal: refusal.index)
@@ -362,7 +370,7 @@ class AmqpSink:
                 f"RabbitMQ returned a message that matches none in flight: {self._unmatched[0]}",
             )
 
-    def _retry_nacked(self, ticket: Ticket) -> None:
+    def _retry_nacked(self, ticket: AmqpTicket) -> None:
         """Publish nacked messages again, pausing 0.25, 0.5, 1, ... s, within the retry window;
         then sort what is still nacked into poison (its queue accepted others since) or a
         queue that refuses everything (the run fails, nothing of the batch is removed)."""
@@ -403,6 +411,13 @@ class AmqpSink:
                 self._too_large(exc)
             raise
         self.connection.heartbeat_tick()
+
+    def idle(self, seconds: float) -> None:
+        """Wait `seconds` while keeping the connection healthy: heartbeats sent and checked,
+        alarms and stray acks read (a bridge idles for hours between producers' tasks)."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._drain(min(remaining, 1.0))
 
     def _wait_unblocked(self) -> None:
         """A resource alarm: wait up to `blocked_timeout` for RabbitMQ to lift it, then fail."""

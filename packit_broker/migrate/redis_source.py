@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from packit_broker.codecs import from_redis
 from packit_broker.config import redis_from_url
 from packit_broker.kombu_layout import (
     BINDING_PREFIX,
@@ -31,6 +32,8 @@ from packit_broker.kombu_layout import (
     glob_escape,
     guess_sep,
 )
+from packit_broker.messages import TaskMessage
+from packit_broker.migrate.protocols import Lane
 
 QUARANTINE = "packit_broker.quarantine"
 INFLIGHT = "packit_broker.inflight"
@@ -342,6 +345,19 @@ class RedisSource:
         tail: list[bytes] = self.client.lrange(key, -(skip + count), -(skip + 1))
         tail.reverse()
         return tail
+
+    # -- the driver's seam (packit_broker.migrate.protocols.Source) -------------------------
+
+    def read(self, lane: Lane, skip: int, count: int) -> list[bytes]:
+        return self.following(lane.key, skip, count)
+
+    def decode(self, raw: bytes, lane: Lane) -> TaskMessage:
+        return from_redis(raw, self.layout)
+
+    def commit(
+        self, lane: Lane, entries: Sequence[bytes], quarantine: Sequence[int], *, keep_marker: bool
+    ) -> None:
+        self.remove_confirmed(lane.key, entries, quarantine, keep_marker=keep_marker)
 
     def unacked(self) -> list[UnackedEntry]:
         """Every `unacked` entry, oldest delivery first (entries missing from the index last)."""

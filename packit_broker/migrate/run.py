@@ -8,9 +8,9 @@ selected queues are read again: whatever is still there is reported, not assumed
 
 from __future__ import annotations
 
-import collections
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +26,10 @@ from packit_broker.migrate.amqp_sink import (
     DEFAULT_BLOCKED_TIMEOUT,
     DEFAULT_NACK_RETRY_SECONDS,
     AmqpSink,
-    Rejection,
-    Ticket,
 )
+from packit_broker.migrate.driver import Driver, Progress
+from packit_broker.migrate.metrics import FollowMetrics
+from packit_broker.migrate.protocols import Lane, Rejection
 from packit_broker.migrate.redis_source import (
     LiveConsumer,
     RedisSource,
@@ -36,10 +37,10 @@ from packit_broker.migrate.redis_source import (
     Survey,
     UnackedEntry,
 )
+from packit_broker.migrate.report import QuarantinedEntry, Report, skipped_list, wrong_type_list
 from packit_broker.queues import QueueSettings, QueueSpec
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
-Progress = Callable[[str, int], None]
 Bindings = dict[str, set[tuple[str, str]]]
 
 
@@ -55,6 +56,9 @@ class MigrateOptions:
     lock_ttl_seconds: float = 30.0
     blocked_timeout: float = DEFAULT_BLOCKED_TIMEOUT  # how long a RabbitMQ alarm is waited out
     nack_retry_seconds: float = DEFAULT_NACK_RETRY_SECONDS  # how long nacked ones are retried
+    follow: bool = False  # after the backlog, keep moving what producers still push
+    until_idle: float | None = None  # --follow ends once the queues stayed empty this long
+    poll_seconds: float = 0.1  # --follow: pause between rounds that found nothing
 
 
 @dataclass
@@ -117,78 +121,11 @@ class Plan:
             "unacked": self.unacked_total,
             "live_consumers": [str(c) for c in self.live_consumers],
             "fresh_unacked": self.fresh_unacked,
-            "skipped": _skipped(self.skipped),
-            "wrong_type": _wrong_type(self.wrong_type),
+            "skipped": skipped_list(self.skipped),
+            "wrong_type": wrong_type_list(self.wrong_type),
             "layout": self.layout.as_options(),
             "layout_problems": list(self.layout_problems),
         }
-
-
-@dataclass
-class QuarantinedEntry:
-    source: str
-    reason: str
-
-
-@dataclass
-class Report:
-    migrated: dict[str, int] = field(default_factory=dict)
-    unacked_migrated: int = 0
-    quarantine: list[QuarantinedEntry] = field(default_factory=list)
-    possible_duplicates: list[str] = field(default_factory=list)
-    adopted_duplicates: int = 0  # how many of them were in Redis's list when the run began
-    skipped: dict[str, str] = field(default_factory=dict)
-    wrong_type: dict[str, str] = field(default_factory=dict)
-    remaining: dict[str, int] = field(default_factory=dict)  # where -> entries left behind
-    taken_over_from: str | None = None
-    seconds: float = 0.0
-
-    @property
-    def total(self) -> int:
-        return sum(self.migrated.values())
-
-    @property
-    def complete(self) -> bool:
-        return not self.remaining and not self.wrong_type
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "migrated": dict(self.migrated),
-            "unacked_migrated": self.unacked_migrated,
-            "quarantined": len(self.quarantine),
-            "quarantine": [{"source": q.source, "reason": q.reason} for q in self.quarantine],
-            "possible_duplicates": list(self.possible_duplicates),
-            "skipped": _skipped(self.skipped),
-            "wrong_type": _wrong_type(self.wrong_type),
-            "remaining": dict(self.remaining),
-            "complete": self.complete,
-            "taken_over_from": self.taken_over_from,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-def _skipped(skipped: dict[str, str]) -> list[dict[str, str]]:
-    return [{"name": name, "reason": why} for name, why in sorted(skipped.items())]
-
-
-def _wrong_type(wrong: dict[str, str]) -> list[dict[str, str]]:
-    return [{"key": key, "type": kind} for key, kind in sorted(wrong.items())]
-
-
-@dataclass
-class _Decoded:
-    """One batch as read from Redis and what became of each entry."""
-
-    entries: Sequence[bytes]
-    messages: list[AmqpMessage] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)  # entry index of each message
-    quarantine: list[int] = field(default_factory=list)  # indexes into `entries`
-    reasons: list[str] = field(default_factory=list)
-    refused: list[Rejection] = field(default_factory=list)
-
-
-def _task_ids(batches: Iterable[_Decoded]) -> list[str]:
-    return [m.task_id for batch in batches for m in batch.messages if m.task_id]
 
 
 class Refused(RuntimeError):
@@ -315,6 +252,14 @@ def _entry_targets(entry: UnackedEntry, bindings: Bindings, known: set[str]) -> 
 # -- moving -----------------------------------------------------------------------------------
 
 
+def _tee(first: Progress, second: Progress) -> Progress:
+    def both(queue: str, count: int) -> None:
+        first(queue, count)
+        second(queue, count)
+
+    return both
+
+
 class Migration:
     """One run. Every batch: decode, mark in flight, publish + confirm, then remove."""
 
@@ -325,6 +270,10 @@ class Migration:
         queues: QueueSettings,
         options: MigrateOptions,
         progress: Progress | None = None,
+        *,
+        stop: threading.Event | None = None,
+        metrics: FollowMetrics | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self.source = source
         self.broker = broker
@@ -333,13 +282,22 @@ class Migration:
         self.progress = progress or (lambda queue, n: None)
         self.report = Report()
         self.lock: RunLock | None = None
+        self.stop = stop or threading.Event()  # set by SIGTERM/SIGINT: finish, then report
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch(self.report)
+            self.progress = _tee(self.progress, metrics.count)
+        self.notify = notify or (lambda text: None)
 
     def run(self, plan: Plan) -> Report:
         """Refusals first (nothing touched), then the run lock, then the moves."""
         started = time.monotonic()
         if plan.layout_refusal:
             raise Refused(plan.layout_refusal)
-        if plan.refusal and not self.options.force:
+        # A following bridge may start before the last Redis worker is gone: it pauses (loudly)
+        # until then instead of refusing; recently delivered unacked entries still refuse.
+        waits = self.options.follow and not plan.fresh_unacked
+        if plan.refusal and not self.options.force and not waits:
             raise Refused(plan.refusal)
         self.lock = RunLock(self.source, self.options.lock_ttl_seconds)
         try:
@@ -357,22 +315,102 @@ class Migration:
         self.report.adopted_duplicates = len(self.report.possible_duplicates)
         self.report.skipped = dict(plan.skipped)
         self.report.wrong_type = dict(plan.wrong_type)
-        with AmqpSink(
+        sink = AmqpSink(
             self.broker,
             blocked_timeout=self.options.blocked_timeout,
+            max_message_size=self.options.max_message_size,
             nack_retry_seconds=self.options.nack_retry_seconds,
-        ) as sink:
+        )
+        with sink:
+            driver = Driver(
+                self.source,
+                sink,
+                self.report,
+                batch_size=self.options.batch_size,
+                progress=self.progress,
+                check=self._check_lock,
+                stop=self.stop.is_set,
+                on_batch=self._on_batch,
+            )
             for queue_plan in plan.queues:
-                sink.declare(queue_plan.spec)
+                sink.prepare(queue_plan.spec)
                 self.report.migrated.setdefault(queue_plan.spec.name, 0)
             selected = {q.spec.name: q.spec for q in plan.queues}
+            if self.options.follow and not self.options.force and not self._no_consumers(sink):
+                return  # stopped while paused: nothing was moved
             if self.options.include_unacked and plan.unacked_readable:
                 with self.source.unacked_mutex() as mutex:
                     self._move_unacked(sink, selected, plan, mutex)
             for queue_plan in plan.queues:
                 for key in queue_plan.keys.values():
-                    self._move_list(sink, queue_plan.spec, key)
+                    driver.move(Lane(key, queue_plan.spec))
+            if self.options.follow:
+                self._follow(driver, sink, plan)
         self.report.remaining = self._remaining(plan)
+
+    # -- --follow -----------------------------------------------------------------------------
+
+    def _follow(self, driver: Driver[AmqpMessage], sink: AmqpSink, plan: Plan) -> None:
+        """Round after round until stopped or idle: refuse to race a live Redis consumer
+        (pause, loudly), move every lane in kombu's priority order, idle with heartbeats."""
+        lanes = [Lane(key, q.spec) for q in plan.queues for key in q.keys.values()]
+        active = time.monotonic()  # last time something was pending or moved
+        while not self.stop.is_set():
+            self._check_lock()
+            if not self.options.force and not self._no_consumers(sink):
+                return
+            moved = sum(driver.move(lane) for lane in lanes if not self.stop.is_set())
+            pending = self._pending(plan)
+            now = time.monotonic()
+            if moved or any(pending.values()):
+                active = now
+            elif self.options.until_idle is not None and now - active >= self.options.until_idle:
+                self.notify(f"idle for {self.options.until_idle:g}s: done")
+                return
+            if not moved and not self.stop.is_set():
+                sink.idle(self.options.poll_seconds)
+
+    def _no_consumers(self, sink: AmqpSink) -> bool:
+        """Wait (paused, loudly, heartbeats going) while a client consumes from Redis: moving
+        under a live Redis worker would race it. False if stopped meanwhile."""
+        paused = False
+        while not self.stop.is_set():
+            consumers = self.source.live_consumers(self.options.recent_consumer_seconds)
+            if not consumers:
+                if paused:
+                    self.notify("resumed: no client consumes from Redis any more")
+                    self._set_paused(False)
+                return True
+            if not paused:
+                self.notify(
+                    "PAUSED: a client is consuming from Redis: "
+                    + "; ".join(str(c) for c in consumers)
+                    + " - stop it (every Celery worker must use RabbitMQ); nothing moves"
+                    " until it is gone"
+                )
+                paused = True
+                self._set_paused(True)
+            self._check_lock()
+            sink.idle(1.0)
+        return False
+
+    def _pending(self, plan: Plan) -> dict[str, int]:
+        keys = [k for q in plan.queues for k in q.keys.values()]
+        lengths = dict(zip(keys, self.source.lengths(keys), strict=True))
+        pending = {q.spec.name: sum(lengths[k] for k in q.keys.values()) for q in plan.queues}
+        if self.metrics is not None:
+            for queue, count in pending.items():
+                self.metrics.pending.labels(queue).set(count)
+        self.report.pending = pending
+        return pending
+
+    def _set_paused(self, paused: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.paused.set(1 if paused else 0)
+
+    def _on_batch(self, queue: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_latency.labels(queue).observe(seconds)
 
     def _remaining(self, plan: Plan) -> dict[str, int]:
         """Read the selected queues again: completeness is checked, not assumed."""
@@ -396,65 +434,6 @@ class Migration:
             max_size=self.options.max_message_size,
             layout=self.source.layout,
         )
-
-    def _decode_batch(self, batch: Sequence[bytes], spec: QueueSpec) -> _Decoded:
-        decoded = _Decoded(batch)
-        for index, raw in enumerate(batch):
-            try:
-                decoded.messages.append(self._decode(raw, spec))
-                decoded.positions.append(index)
-            except MalformedMessage as exc:
-                decoded.quarantine.append(index)
-                decoded.reasons.append(exc.reason)
-        return decoded
-
-    @staticmethod
-    def _refused(batch: _Decoded, refused: Sequence[Rejection]) -> None:
-        """Messages RabbitMQ refused are quarantined with its reason; the rest is committed."""
-        batch.refused = list(refused)
-        for refusal in refused:
-            batch.quarantine.append(batch.positions[refusal.index])
-            batch.reasons.append(refusal.reason)
-
-    def _move_list(self, sink: AmqpSink, spec: QueueSpec, key: str) -> None:
-        """Two half batches in flight: the next is read, decoded and published while RabbitMQ
-        confirms the previous one; only a fully settled batch at the tail is removed. At most
-        `batch_size` messages are unconfirmed at any time (the confirm window, and so the most
-        a crash can duplicate). Late arrivals at the producing end are read once the tail is
-        drained.
-
-        The in-flight marker always names every batch that is sent but not yet removed (it is
-        rewritten before each send and after each removal), so a crash at any instant leaves
-        every possible duplicate listed. The run lock is checked before every send.
-        """
-        depth = 2 if self.options.batch_size >= 2 else 1  # batches in flight
-        size = self.options.batch_size // depth  # so at most batch_size are unconfirmed
-        inflight: collections.deque[tuple[_Decoded, Ticket]] = collections.deque()
-        skip = 0  # entries sent and not yet removed, counted from the tail
-        while True:
-            batch = self._decode_batch(self.source.following(key, skip, size), spec)
-            if batch.entries:
-                self._check_lock()
-                inflight.append((batch, Ticket(0, 0)))
-                self.source.mark_inflight(key, _task_ids(b for b, _ in inflight))
-                inflight[-1] = (batch, sink.send(batch.messages))
-                skip += len(batch.entries)
-            if not inflight:
-                return
-            if len(inflight) < depth and batch.entries:
-                continue
-            done, ticket = inflight.popleft()
-            self._refused(done, sink.wait(ticket))
-            # The Lua script re-checks that `done` is still the tail before removing it; the
-            # marker is kept (it still names the batch in flight) and rewritten right after.
-            self.source.remove_confirmed(
-                key, done.entries, done.quarantine, keep_marker=bool(inflight)
-            )
-            skip -= len(done.entries)
-            if inflight:
-                self.source.mark_inflight(key, _task_ids(b for b, _ in inflight))
-            self.report.quarantine.extend(QuarantinedEntry(key, r) for r in done.reasons)
-            self._count(spec.name, len(done.messages) - len(done.refused))
 
     def _check_lock(self) -> None:
         if self.lock is not None:

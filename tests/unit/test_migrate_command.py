@@ -16,7 +16,7 @@ from packit_broker.commands.migrate import (
     _layout,
     _write_atomically,
 )
-from packit_broker.migrate.run import QuarantinedEntry, Report
+from packit_broker.migrate.report import QuarantinedEntry, Report
 
 
 def test_report_path_is_checked_before_the_run(tmp_path: Path) -> None:

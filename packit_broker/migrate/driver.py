@@ -1,0 +1,131 @@
+"""The one driver: moves a lane of any source to any sink, batch by batch, losing nothing.
+
+Two half batches in flight: the next is read, decoded and sent while the sink confirms the
+previous one; only a fully settled batch at the source's consuming end is committed (removed).
+At most `batch_size` messages are unconfirmed at any time (the confirm window, and so the most
+a crash can duplicate). The in-flight journal always names every batch that is sent but not
+yet committed (rewritten before each send and after each commit), so a crash at any instant
+leaves every possible duplicate listed. Entries that cannot be decoded or encoded, and
+messages the sink refused, are quarantined with their reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic
+
+from packit_broker.messages import MalformedMessage
+from packit_broker.migrate.protocols import Lane, Out, Rejection, Sink, Source, Ticket
+from packit_broker.migrate.report import QuarantinedEntry, Report
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass
+class Batch(Generic[Out]):
+    """One batch as read from the source and what became of each entry."""
+
+    entries: Sequence[bytes]
+    messages: list[Out] = field(default_factory=list)
+    task_ids: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # entry index of each message
+    quarantine: list[int] = field(default_factory=list)  # indexes into `entries`
+    reasons: list[str] = field(default_factory=list)
+    refused: list[Rejection] = field(default_factory=list)
+    sent_at: float = 0.0  # monotonic
+
+    def refuse(self, refused: Sequence[Rejection]) -> None:
+        """Messages the sink refused are quarantined with its reason; the rest is committed."""
+        self.refused = list(refused)
+        for refusal in refused:
+            self.quarantine.append(self.positions[refusal.index])
+            self.reasons.append(refusal.reason)
+
+
+def _task_ids(batches: Iterable[Batch[Out]]) -> list[str]:
+    return [task_id for batch in batches for task_id in batch.task_ids]
+
+
+class Driver(Generic[Out]):
+    """Moves lanes from `source` to `sink`, recording into `report`; `check` runs before every
+    send (e.g. the run lock: a run that lost it must stop before sending more)."""
+
+    def __init__(
+        self,
+        source: Source,
+        sink: Sink[Out],
+        report: Report,
+        *,
+        batch_size: int,
+        progress: Progress | None = None,
+        check: Callable[[], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+        on_batch: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.report = report
+        self.batch_size = batch_size
+        self.progress = progress or (lambda queue, n: None)
+        self.check = check or (lambda: None)
+        self.stop = stop or (lambda: False)
+        self.on_batch = on_batch or (lambda queue, seconds: None)
+
+    def decode(self, entries: Sequence[bytes], lane: Lane) -> Batch[Out]:
+        batch: Batch[Out] = Batch(entries)
+        for index, raw in enumerate(entries):
+            try:
+                message = self.source.decode(raw, lane)
+                batch.messages.append(self.sink.encode(message, lane.target))
+            except MalformedMessage as exc:
+                batch.quarantine.append(index)
+                batch.reasons.append(exc.reason)
+                continue
+            batch.positions.append(index)
+            if message.task_id:
+                batch.task_ids.append(message.task_id)
+        return batch
+
+    def move(self, lane: Lane) -> int:
+        """Move `lane` until the source has nothing more in it, or until `stop()` (then the
+        batches in flight are finished: confirmed and committed); how many messages moved."""
+        depth = 2 if self.batch_size >= 2 else 1  # batches in flight
+        size = self.batch_size // depth  # so at most batch_size are unconfirmed
+        inflight: collections.deque[tuple[Batch[Out], Ticket]] = collections.deque()
+        skip = 0  # entries sent and not yet committed, counted from the consuming end
+        moved = 0
+        while True:
+            stopping = self.stop()
+            entries = () if stopping else self.source.read(lane, skip, size)
+            batch: Batch[Out] = self.decode(entries, lane)
+            if batch.entries:
+                self.check()
+                inflight.append((batch, Ticket(0, 0)))
+                self.source.mark_inflight(lane.key, _task_ids(b for b, _ in inflight))
+                batch.sent_at = time.monotonic()
+                inflight[-1] = (batch, self.sink.send(batch.messages))
+                skip += len(batch.entries)
+            if not inflight:
+                return moved
+            if len(inflight) < depth and batch.entries:
+                continue
+            done, ticket = inflight.popleft()
+            done.refuse(self.sink.wait(ticket))
+            self.on_batch(lane.target.name, time.monotonic() - done.sent_at)
+            # The source re-checks that `done` is still at its consuming end before removing
+            # it; the journal is kept (it still names the batch in flight) and rewritten.
+            self.source.commit(lane, done.entries, done.quarantine, keep_marker=bool(inflight))
+            skip -= len(done.entries)
+            if inflight:
+                self.source.mark_inflight(lane.key, _task_ids(b for b, _ in inflight))
+            self.report.quarantine.extend(QuarantinedEntry(lane.key, r) for r in done.reasons)
+            count = len(done.messages) - len(done.refused)
+            moved += count
+            self.count(lane.target.name, count)
+
+    def count(self, queue: str, count: int) -> None:
+        self.report.migrated[queue] = self.report.migrated.get(queue, 0) + count
+        self.progress(queue, count)

@@ -1,0 +1,103 @@
+"""The codecs both ways: kombu Redis envelope <-> TaskMessage <-> AMQP."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from packit_broker.codecs import (
+    KEPT_PROPERTIES,
+    amqp_priority,
+    amqp_priority_of_bucket,
+    bucket_of_amqp,
+    from_amqp,
+    from_redis,
+    to_amqp,
+    to_redis,
+)
+from packit_broker.kombu_layout import KombuLayout
+from packit_broker.messages import TaskMessage
+
+LAYOUTS = [KombuLayout(), KombuLayout(priority_steps=tuple(range(10)))]
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.text())
+headers = st.fixed_dictionaries(
+    {"task": st.text(min_size=1), "id": st.uuids().map(str)},
+    optional={
+        "eta": st.one_of(st.none(), st.text()),
+        "expires": st.one_of(st.none(), st.text()),
+        "retries": st.integers(0, 100),
+        "argsrepr": st.text(),
+    },
+)
+properties = st.fixed_dictionaries(
+    {}, optional={k: st.text(min_size=1) for k in ("correlation_id", "reply_to", "message_id")}
+)
+
+
+@st.composite
+def task_messages(draw: st.DrawFn, layout: KombuLayout = LAYOUTS[0]) -> TaskMessage:
+    priority = draw(st.integers(0, 9))
+    return TaskMessage(
+        body=draw(st.binary(max_size=200)),
+        headers=draw(headers),
+        properties=draw(properties),
+        content_type=draw(st.sampled_from([None, "application/json", "application/x-python"])),
+        content_encoding=draw(st.sampled_from([None, "utf-8", "binary"])),
+        priority=priority,
+        bucket=layout.bucket_of(priority),
+        exchange=draw(st.sampled_from(["", "celery", "tasks"])),
+        routing_key=draw(st.text(min_size=1, max_size=20)),
+    )
+
+
+@given(task_messages(), st.text(min_size=1, max_size=20))
+def test_redis_envelope_round_trip(message: TaskMessage, queue: str) -> None:
+    assert from_redis(to_redis(message, queue)) == message
+
+
+@given(task_messages())
+def test_redis_envelope_is_kombus(message: TaskMessage) -> None:
+    """What a Redis worker's kombu reads: base64 body, delivery_info, a delivery tag."""
+    envelope: dict[str, Any] = json.loads(to_redis(message, "q"))
+    props = envelope["properties"]
+    assert props["body_encoding"] == "base64"
+    assert props["delivery_info"] == {
+        "exchange": message.exchange,
+        "routing_key": message.routing_key,
+    }
+    assert props["priority"] == message.priority and props["delivery_tag"]
+    assert envelope["headers"] == message.headers
+
+
+@given(task_messages(), st.sampled_from([9, 10, 255]))
+def test_amqp_round_trip_keeps_message_and_bucket(message: TaskMessage, max_priority: int) -> None:
+    out = to_amqp(message, queue="q", max_priority=max_priority)
+    back = from_amqp(
+        out.body,
+        out.properties,
+        exchange=out.exchange,
+        routing_key=out.routing_key,
+        max_priority=max_priority,
+    )
+    assert back.body == message.body and back.headers == message.headers
+    assert back.properties == {k: v for k, v in message.properties.items() if k in KEPT_PROPERTIES}
+    assert (back.content_type, back.content_encoding) == (
+        message.content_type,
+        message.content_encoding,
+    )
+    assert back.bucket == message.bucket
+
+
+def test_priority_mapping_is_inverted_and_invertible() -> None:
+    for layout in LAYOUTS:
+        for max_priority in (9, 10, 255):
+            steps = layout.reachable_steps()
+            mapped = [amqp_priority_of_bucket(step, max_priority) for step in steps]
+            assert mapped == sorted(mapped, reverse=True)  # kombu's first bucket -> highest
+            assert [bucket_of_amqp(p, max_priority, layout) for p in mapped] == list(steps)
+    assert amqp_priority(2, 10) == amqp_priority(0, 10) == 10  # same bucket, same priority
+    assert bucket_of_amqp(None, 10) == 0 and bucket_of_amqp(3, None) == 0

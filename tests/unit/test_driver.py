@@ -1,0 +1,128 @@
+"""The driver's bookkeeping with an in-memory source and sink (the wire is tested on the rig)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+
+from packit_broker.messages import MalformedMessage, TaskMessage
+from packit_broker.migrate.driver import Driver
+from packit_broker.migrate.protocols import Lane, Rejection, Ticket
+from packit_broker.migrate.report import Report
+from packit_broker.queues import QueueSpec
+
+LANE = Lane("q", QueueSpec("q"))
+
+
+class ListSource:
+    """A list consumed from the end, with a journal of what is in flight."""
+
+    def __init__(self, entries: list[bytes]) -> None:
+        self.entries = list(reversed(entries))  # producing end first, as LPUSH leaves it
+        self.journal: list[str] = []
+        self.quarantined: list[bytes] = []
+
+    def read(self, lane: Lane, skip: int, count: int) -> list[bytes]:
+        end = len(self.entries) - skip
+        return list(reversed(self.entries[max(0, end - count) : max(0, end)]))
+
+    def decode(self, raw: bytes, lane: Lane) -> TaskMessage:
+        if not raw.startswith(b"{"):
+            raise MalformedMessage("not JSON")
+        return TaskMessage(body=raw, headers={"id": json.loads(raw)["id"], "task": "t"})
+
+    def mark_inflight(self, where: str, task_ids: Sequence[str]) -> None:
+        self.journal = list(task_ids)
+
+    def commit(
+        self, lane: Lane, entries: Sequence[bytes], quarantine: Sequence[int], *, keep_marker: bool
+    ) -> None:
+        assert list(reversed(self.entries[-len(entries) :])) == list(entries), "not the tail"
+        self.quarantined.extend(entries[i] for i in quarantine)
+        del self.entries[-len(entries) :]
+        if not keep_marker:
+            self.journal = []
+
+
+class RecordingSink:
+    """Takes everything but the poison; checks the journal and the window on every send."""
+
+    def __init__(self, source: ListSource, window: int) -> None:
+        self.source = source
+        self.window = window
+        self.delivered: list[str] = []
+        self.unconfirmed: list[str] = []
+        self.tickets: list[tuple[Ticket, list[TaskMessage]]] = []
+
+    def prepare(self, target: QueueSpec) -> None:
+        pass
+
+    def encode(self, message: TaskMessage, target: QueueSpec) -> TaskMessage:
+        return message
+
+    def send(self, messages: Sequence[TaskMessage]) -> Ticket:
+        ids = [str(m.task_id) for m in messages]
+        self.unconfirmed.extend(ids)
+        assert len(self.unconfirmed) <= self.window
+        assert set(self.unconfirmed) <= set(self.source.journal), "in flight but not journaled"
+        ticket = Ticket(len(messages), len(messages))
+        self.tickets.append((ticket, list(messages)))
+        return ticket
+
+    def wait(self, ticket: Ticket) -> list[Rejection]:
+        (sent, messages) = self.tickets.pop(0)
+        assert sent is ticket, "settled out of order"
+        refused = []
+        for index, message in enumerate(messages):
+            self.unconfirmed.remove(str(message.task_id))
+            if b"poison" in message.body:
+                refused.append(Rejection(index, "nacked by the broker"))
+            else:
+                self.delivered.append(str(message.task_id))
+        return refused
+
+
+def entries(n: int) -> list[bytes]:
+    return [json.dumps({"id": f"t{i}"}).encode() for i in range(n)]
+
+
+def test_moves_everything_in_order_within_the_window_and_journaled() -> None:
+    for batch_size in (1, 2, 7, 100):
+        source = ListSource(entries(45))
+        sink = RecordingSink(source, window=batch_size)
+        report = Report()
+        moved = Driver(source, sink, report, batch_size=batch_size).move(LANE)
+        assert moved == 45 and report.migrated == {"q": 45}
+        assert sink.delivered == [f"t{i}" for i in range(45)]
+        assert source.entries == [] and source.journal == []
+
+
+def test_malformed_and_refused_are_quarantined_with_their_reason() -> None:
+    raw = entries(10)
+    raw[3] = b"garbage"
+    raw[6] = json.dumps({"id": "t6", "poison": 1}).encode()
+    source = ListSource(raw)
+    sink = RecordingSink(source, window=4)
+    report = Report()
+    assert Driver(source, sink, report, batch_size=4).move(LANE) == 8
+    assert sorted(source.quarantined) == sorted([raw[3], raw[6]])
+    assert sorted(q.reason for q in report.quarantine) == ["nacked by the broker", "not JSON"]
+    assert "t6" not in sink.delivered and len(sink.delivered) == 8
+
+
+def test_check_runs_before_every_send_and_stops_the_move() -> None:
+    source = ListSource(entries(10))
+    sink = RecordingSink(source, window=2)
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("lock lost")
+
+    with pytest.raises(RuntimeError, match="lock lost"):
+        Driver(source, sink, Report(), batch_size=2, check=check).move(LANE)
+    assert len(sink.unconfirmed) + len(sink.delivered) == 2  # nothing sent after the failure
+    assert set(sink.unconfirmed) <= set(source.journal)

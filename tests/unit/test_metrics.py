@@ -1,0 +1,38 @@
+"""The bridge's Prometheus metrics, scraped over HTTP as Prometheus would."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from packit_broker.migrate.metrics import FollowMetrics
+from packit_broker.migrate.report import QuarantinedEntry, Report
+from packit_broker.stack.processes import free_port
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return {
+        name: float(value)
+        for name, value in (line.rsplit(" ", 1) for line in lines if line.startswith("packit_"))
+    }
+
+
+def test_metrics_follow_the_report_and_the_moves() -> None:
+    report = Report()
+    metrics = FollowMetrics()
+    metrics.watch(report)
+    port = free_port()
+    metrics.serve(port, "127.0.0.1")
+    metrics.count("q", 3)
+    metrics.count("q", 2)
+    metrics.pending.labels("q").set(7)
+    metrics.batch_latency.labels("q").observe(0.2)
+    report.quarantine.append(QuarantinedEntry("q", "not JSON"))
+    seen = scrape(port)
+    assert seen['packit_migrate_moved_total{queue="q"}'] == 5
+    assert seen['packit_migrate_pending{queue="q"}'] == 7
+    assert seen["packit_migrate_quarantined"] == 1
+    assert seen['packit_migrate_batch_latency_seconds_count{queue="q"}'] == 1
+    assert 0 <= seen["packit_migrate_seconds_since_last_move"] < 5
+    assert seen["packit_migrate_paused"] == 0
