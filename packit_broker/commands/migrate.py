@@ -84,6 +84,7 @@ class _Progress:
         self.bar = None
         self.follow_line = follow and not as_json and sys.stderr.isatty()
         self.moved: dict[str, int] = {}
+        self.pending: dict[str, int] = {}
         if not as_json and not follow and sys.stderr.isatty():
             self.bar = click.progressbar(length=total, label="migrating", file=sys.stderr)
             self.bar.__enter__()
@@ -97,8 +98,20 @@ class _Progress:
         elif self.bar is not None:
             self.bar.update(count)
         elif self.follow_line:
-            line = "  ".join(f"{q}: {n} moved" for q, n in sorted(self.moved.items()))
-            click.echo(f"\r{line}", nl=False, err=True)
+            self._line()
+
+    def show_pending(self, pending: dict[str, int]) -> None:
+        """--follow on a TTY: what is left in Redis per queue, refreshed every round."""
+        if self.follow_line and pending != self.pending:
+            self.pending = dict(pending)
+            self._line()
+
+    def _line(self) -> None:
+        queues = sorted(set(self.moved) | set(self.pending))
+        line = "  ".join(
+            f"{q}: {self.moved.get(q, 0)} moved, {self.pending.get(q, 0)} pending" for q in queues
+        )
+        click.echo(f"\r{line}\x1b[K", nl=False, err=True)
 
     def notify(self, text: str) -> None:
         """What the operator must see (a pause, a resume, the end), on its own line."""
@@ -288,6 +301,7 @@ def migrate(
             stop=stop,
             metrics=metrics,
             notify=progress.notify,
+            show_pending=progress.show_pending,
         )
         report = migration.run(plan)
     except Refused as exc:

@@ -274,6 +274,7 @@ class Migration:
         stop: threading.Event | None = None,
         metrics: FollowMetrics | None = None,
         notify: Callable[[str], None] | None = None,
+        show_pending: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         self.source = source
         self.broker = broker
@@ -288,6 +289,7 @@ class Migration:
             metrics.watch(self.report)
             self.progress = _tee(self.progress, metrics.count)
         self.notify = notify or (lambda text: None)
+        self.show_pending = show_pending or (lambda pending: None)
 
     def run(self, plan: Plan) -> Report:
         """Refusals first (nothing touched), then the run lock, then the moves."""
@@ -336,17 +338,26 @@ class Migration:
                 sink.prepare(queue_plan.spec)
                 self.report.migrated.setdefault(queue_plan.spec.name, 0)
             selected = {q.spec.name: q.spec for q in plan.queues}
-            if self.options.follow and not self.options.force and not self._no_consumers(sink):
-                return  # stopped while paused: nothing was moved
-            if self.options.include_unacked and plan.unacked_readable:
-                with self.source.unacked_mutex() as mutex:
-                    self._move_unacked(sink, selected, plan, mutex)
-            for queue_plan in plan.queues:
-                for key in queue_plan.keys.values():
-                    driver.move(Lane(key, queue_plan.spec))
-            if self.options.follow:
-                self._follow(driver, sink, plan)
+            # A bridge stopped while still paused by a Redis consumer has moved nothing.
+            if not self.options.follow or self.options.force or self._no_consumers(sink):
+                self._move_all(driver, sink, selected, plan)
         self.report.remaining = self._remaining(plan)
+
+    def _move_all(
+        self,
+        driver: Driver[AmqpMessage],
+        sink: AmqpSink,
+        selected: dict[str, QueueSpec],
+        plan: Plan,
+    ) -> None:
+        if self.options.include_unacked and plan.unacked_readable:
+            with self.source.unacked_mutex() as mutex:
+                self._move_unacked(sink, selected, plan, mutex)
+        for queue_plan in plan.queues:
+            for key in queue_plan.keys.values():
+                driver.move(Lane(key, queue_plan.spec))
+        if self.options.follow:
+            self._follow(driver, sink, plan)
 
     # -- --follow -----------------------------------------------------------------------------
 
@@ -402,6 +413,7 @@ class Migration:
             for queue, count in pending.items():
                 self.metrics.pending.labels(queue).set(count)
         self.report.pending = pending
+        self.show_pending(pending)
         return pending
 
     def _set_paused(self, paused: bool) -> None:

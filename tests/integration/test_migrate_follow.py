@@ -255,3 +255,34 @@ def test_sigkill_of_the_bridge_loses_nothing_and_lists_every_duplicate(
     listed = set(json.loads(report.read_text())["possible_duplicates"])
     assert twice <= listed, "a duplicate nobody was told about"
     assert len(listed) <= 40, "more listed than the confirm window can hold"
+
+
+def test_sigterm_while_paused_moves_nothing_and_reports_what_is_left(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    app = backlog.producer(redis_url, queue_names)
+    for i in range(3):
+        backlog.send(app, queue_names[0], f"waiting-{i}")
+    old_worker = redis.Redis.from_url(redis_url)
+    blocked = threading.Thread(target=lambda: old_worker.brpop(["old-worker-queue"], timeout=0))
+    blocked.start()
+    report = tmp_path / "report.json"
+    bridge = start_bridge(client_env, redis_url, "--report", str(report))
+    try:
+        wait_for_notice(bridge, "PAUSED")
+        bridge.send_signal(signal.SIGTERM)
+        bridge.wait(timeout=60)
+    finally:
+        if bridge.poll() is None:
+            bridge.kill()
+        redis.Redis.from_url(redis_url).lpush("old-worker-queue", "bye")
+        blocked.join()
+    _, stderr = bridge.communicate()
+    assert bridge.returncode == 0, stderr
+    assert queue_depth(stack, queue_names[0]) == 0
+    data = json.loads(report.read_text())
+    assert data["remaining"] == {queue_names[0]: 3} and data["complete"] is False

@@ -14,6 +14,7 @@ from packit_broker.commands.migrate import (
     _check_report_path,
     _exit_code,
     _layout,
+    _Progress,
     _write_atomically,
 )
 from packit_broker.migrate.report import QuarantinedEntry, Report
@@ -48,3 +49,18 @@ def test_key_prefix_folds_into_the_transport_options() -> None:
     assert _layout('{"global_keyprefix": "app1:"}', "app1:").global_keyprefix == "app1:"
     with pytest.raises(click.UsageError, match="disagree"):
         _layout('{"global_keyprefix": "a:"}', "b:")
+
+
+def test_follow_shows_moved_and_pending_per_queue_on_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    progress = _Progress(0, False, follow=True)
+    progress.follow_line = True  # as on a TTY
+    progress("short", 5)
+    progress.show_pending({"short": 2, "long": 0})
+    progress.show_pending({"short": 2, "long": 0})  # unchanged: not redrawn
+    progress.notify("PAUSED: a client is consuming from Redis")
+    err = capsys.readouterr().err
+    assert err.count("\r") == 2
+    assert err.rsplit("\r", 1)[1].startswith("long: 0 moved, 0 pending  short: 5 moved, 2 pending")
+    assert err.endswith("\nPAUSED: a client is consuming from Redis\n")
