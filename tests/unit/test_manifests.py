@@ -794,8 +794,6 @@ def test_bridge_command_and_environment_parse_with_the_real_migrate_command(
     """The rendered command line, with the rendered environment, is accepted by the CLI."""
     from packit_broker.commands.migrate import migrate
 
-    if not any("--follow" in p.opts for p in migrate.params):
-        pytest.skip("`migrate --follow` is built on another branch; this runs once merged")
     bridge = rendered("bridge")
     broker = rendered("rabbitmq")
     env = container_environment(bridge_container(bridge), secret_data([bridge, broker]), "ns")
