@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from pathlib import Path
 
@@ -35,13 +36,14 @@ def amqps_login(
     password: str,
     ca_file: Path,
     server_hostname: str,
+    host: str = "127.0.0.1",
     timeout: float = 2.0,
 ) -> bool:
-    """Whether an AMQP 0-9-1 login over TLS (with SNI) to 127.0.0.1:`port` succeeds."""
+    """Whether an AMQP 0-9-1 login over TLS (with SNI) to `host`:`port` succeeds in time."""
     import amqp
 
     connection = amqp.Connection(
-        f"127.0.0.1:{port}",
+        f"{host}:{port}",
         userid=username,
         password=password,
         ssl={
@@ -55,5 +57,6 @@ def amqps_login(
         connection.connect()
     except Exception:
         return False
-    connection.close()
+    with contextlib.suppress(Exception):
+        connection.close()
     return True

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -39,7 +38,7 @@ from packit_broker.stack.certs import Pki
 from packit_broker.stack.processes import Process, StackError, free_port, require, wait_until
 from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, node_env
 from packit_broker.stack.router_process import runtime_command, start_router
-from tests.rig.rendered import RenderedBroker, local_rabbitmq_conf
+from tests.rig.rendered import RenderedBroker, RenderedNodes, local_rabbitmq_conf
 
 PREFIX = "pkbc"  # names of our namespaces and links: pkbc<pid>...
 AMQPS_PORT = 5671
@@ -159,33 +158,7 @@ class Host:
         return HostPort(self.address, AMQPS_PORT)
 
 
-def amqps_login(
-    host: str, port: int, *, username: str, password: str, ca_file: Path, server_hostname: str
-) -> bool:
-    """Whether an AMQP login over TLS with SNI to host:port succeeds within 2 s."""
-    import amqp
-
-    connection = amqp.Connection(
-        f"{host}:{port}",
-        userid=username,
-        password=password,
-        ssl={
-            "ca_certs": str(ca_file),
-            "server_hostname": server_hostname,
-            "cert_reqs": ssl.CERT_REQUIRED,
-        },
-        connect_timeout=2,
-    )
-    try:
-        connection.connect()
-    except Exception:
-        return False
-    with contextlib.suppress(Exception):
-        connection.close()
-    return True
-
-
-class NamespaceCluster:
+class NamespaceCluster(RenderedNodes):
     """`replicas` RabbitMQ nodes, each on its own network namespace, plus the Route's router."""
 
     def __init__(
@@ -197,13 +170,8 @@ class NamespaceCluster:
         server_hostname: str,
         replicas: int = 3,
     ) -> None:
-        self.root = root
-        self.broker = broker
-        self.pki = pki
-        self.server_hostname = server_hostname
+        super().__init__(root, broker, pki, server_hostname)
         self.ip = require("ip", "iproute2")
-        self.server_binary = require("rabbitmq-server", "rabbitmq-server", where=RABBITMQ_SBIN)
-        self.epmd_binary = require("epmd", "erlang-base")
         self.tag = f"{PREFIX}{os.getpid()}"
         self.bridge = f"{self.tag}br"
         self.network: ipaddress.IPv4Network | None = None
@@ -214,16 +182,6 @@ class NamespaceCluster:
         self.router_port = 0
         self._timers: list[threading.Timer] = []
         self.started_in = 0.0
-
-    # -- credentials ------------------------------------------------------------------------
-
-    @property
-    def username(self) -> str:
-        return self.broker.env["RABBITMQ_DEFAULT_USER"]
-
-    @property
-    def password(self) -> str:
-        return self.broker.env["RABBITMQ_DEFAULT_PASS"]
 
     # -- network ----------------------------------------------------------------------------
 
@@ -379,14 +337,7 @@ class NamespaceCluster:
         return states
 
     def ready(self, host: Host) -> bool:
-        return amqps_login(
-            host.address,
-            AMQPS_PORT,
-            username=self.username,
-            password=self.password,
-            ca_file=self.pki.ca_file,
-            server_hostname=self.server_hostname,
-        )
+        return self.login(AMQPS_PORT, host.address)
 
     def wait_ready(self, host: Host, timeout: float = 90) -> None:
         wait_until(lambda: self.ready(host), host.server, timeout, f"rabbitmq {host.node}")
@@ -468,23 +419,14 @@ class NamespaceCluster:
 
     def ctl(self, host: Host, *args: str, timeout: float = 60) -> str:
         """`rabbitmqctl -n NODE ARGS...` run on the node's own host; stdout."""
-        ctl = require("rabbitmqctl", "rabbitmq-server", where=RABBITMQ_SBIN)
-        result = subprocess.run(
-            self._in_netns(host.netns, [ctl, "-n", host.node, *args]),
-            env={**os.environ, **host.env},
-            capture_output=True,
-            text=True,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            timeout=timeout,
+        return self.rabbitmqctl(
+            host.node,
+            args,
+            host.env,
+            wrap=lambda argv: self._in_netns(host.netns, argv),
             cwd=host.folder,
+            timeout=timeout,
         )
-        if result.returncode != 0:
-            raise StackError(
-                f"rabbitmqctl {' '.join(args)} on {host.node} failed ({result.returncode}):\n"
-                f"{result.stdout}{result.stderr}"
-            )
-        return result.stdout
 
     def connections_per_node(self, host: Host) -> dict[str, int]:
         """How many client connections each node holds, as `host` sees it."""

@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +159,70 @@ class RenderedNode:
     process: Process
 
 
-class RenderedCluster:
+class RenderedNodes:
+    """What every rig cluster started from the rendered template shares: the template's
+    broker parts, the PKI, the Secret's credentials, the RabbitMQ binaries, one login probe and
+    one way to run rabbitmqctl against a node."""
+
+    def __init__(self, root: Path, broker: RenderedBroker, pki: Pki, server_hostname: str) -> None:
+        self.root = root
+        self.broker = broker
+        self.pki = pki
+        self.server_hostname = server_hostname
+        self.server_binary = require("rabbitmq-server", "rabbitmq-server", where=RABBITMQ_SBIN)
+        self.ctl_binary = require("rabbitmqctl", "rabbitmq-server", where=RABBITMQ_SBIN)
+        self.epmd_binary = require("epmd", "erlang-base")
+
+    @property
+    def username(self) -> str:
+        return self.broker.env["RABBITMQ_DEFAULT_USER"]
+
+    @property
+    def password(self) -> str:
+        return self.broker.env["RABBITMQ_DEFAULT_PASS"]
+
+    def login(self, port: int, host: str = "127.0.0.1") -> bool:
+        """Whether the Secret's user logs in over TLS with the Route's SNI."""
+        return amqps_login(
+            port,
+            host=host,
+            username=self.username,
+            password=self.password,
+            ca_file=self.pki.ca_file,
+            server_hostname=self.server_hostname,
+        )
+
+    def rabbitmqctl(
+        self,
+        node: str,
+        args: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        wrap: Callable[[list[str]], list[str]] = list,
+        cwd: Path | None = None,
+        timeout: float = 60,
+    ) -> str:
+        """`rabbitmqctl -n NODE ARGS...` with the node's environment (cookie, epmd); stdout.
+        `wrap` puts the command where the node runs (e.g. into its network namespace)."""
+        result = subprocess.run(
+            wrap([self.ctl_binary, "-n", node, *args]),
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            cwd=cwd,
+        )
+        if result.returncode != 0:
+            raise StackError(
+                f"rabbitmqctl {' '.join(args)} on {node} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}"
+            )
+        return result.stdout
+
+
+class RenderedCluster(RenderedNodes):
     """1..N RabbitMQ nodes from one rendered template, sharing one epmd, under `root`.
 
     With more than one node, `classic_config` lists all of them (the stand-in for k8s peer
@@ -175,32 +238,18 @@ class RenderedCluster:
         server_hostname: str,
         replicas: int = 1,
     ) -> None:
-        self.root = root
-        self.broker = broker
-        self.pki = pki
-        self.server_hostname = server_hostname
-        self.server = require("rabbitmq-server", "rabbitmq-server", where=RABBITMQ_SBIN)
-        self.ctl = require("rabbitmqctl", "rabbitmq-server", where=RABBITMQ_SBIN)
-        epmd = require("epmd", "erlang-base")
+        super().__init__(root, broker, pki, server_hostname)
         root.mkdir(parents=True, exist_ok=True)
         self.epmd_port = free_port()
         self.epmd = Process(
             "epmd",
-            [epmd, "-port", str(self.epmd_port)],
+            [self.epmd_binary, "-port", str(self.epmd_port)],
             root / "epmd.log",
             env={"ERL_EPMD_PORT": str(self.epmd_port)},
         )
         tag = free_port()
         names = [f"rendered{tag}-{i}@localhost" for i in range(replicas)]
         self.nodes = [self._node(name, names if replicas > 1 else ()) for name in names]
-
-    @property
-    def username(self) -> str:
-        return self.broker.env["RABBITMQ_DEFAULT_USER"]
-
-    @property
-    def password(self) -> str:
-        return self.broker.env["RABBITMQ_DEFAULT_PASS"]
 
     def _node(self, name: str, peers: Sequence[str]) -> RenderedNode:
         folder = self.root / name.split("@")[0]
@@ -223,17 +272,11 @@ class RenderedCluster:
             cookie.write_text(self.broker.erlang_cookie)
             cookie.chmod(0o600)
         env = {**self.broker.env, **node_env(folder, name, conf, self.epmd_port, free_port())}
-        process = Process(name, [self.server], folder / "rabbitmq.log", env=env, cwd=folder)
+        process = Process(name, [self.server_binary], folder / "rabbitmq.log", env=env, cwd=folder)
         return RenderedNode(name, folder, amqps_port, prometheus_port, env, process)
 
     def ready(self, node: RenderedNode) -> bool:
-        return amqps_login(
-            node.amqps_port,
-            username=self.username,
-            password=self.password,
-            ca_file=self.pki.ca_file,
-            server_hostname=self.server_hostname,
-        )
+        return self.login(node.amqps_port)
 
     def _epmd_listening(self) -> bool:
         try:
@@ -262,21 +305,7 @@ class RenderedCluster:
 
     def ctl_run(self, node: RenderedNode, *args: str, timeout: float = 60) -> str:
         """`rabbitmqctl -n NODE ARGS...` with the node's environment (cookie, epmd); stdout."""
-        result = subprocess.run(
-            [self.ctl, "-n", node.name, *args],
-            env={**os.environ, **node.env},
-            capture_output=True,
-            text=True,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            timeout=timeout,
-        )
-        if result.returncode != 0:
-            raise StackError(
-                f"rabbitmqctl {' '.join(args)} failed ({result.returncode}):\n"
-                f"{result.stdout}{result.stderr}"
-            )
-        return result.stdout
+        return self.rabbitmqctl(node.name, args, node.env, timeout=timeout)
 
 
 def start_route_router(
