@@ -22,6 +22,7 @@ over the broker's max_message_size (RabbitMQ closes the channel), a lost connect
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,12 @@ class AmqpSink:
         try:
             self.connection.close()
         except Exception:
+            self.connection.collect()
+
+    def abandon(self) -> None:
+        """Drop the connection without a Close handshake: after it failed mid-run there is
+        nobody to answer (a Close would wait for a dead node's CloseOk)."""
+        with contextlib.suppress(Exception):  # already half torn down by py-amqp
             self.connection.collect()
 
     def __enter__(self) -> AmqpSink:
