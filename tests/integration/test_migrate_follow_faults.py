@@ -1,0 +1,201 @@
+"""Issue 10: the `--follow` bridge rides out RabbitMQ and router outages while real Celery
+producers keep publishing into Redis: it says so loudly (a notice, packit_migrate_connected 0),
+reconnects with capped backoff for as long as it takes, sends again what was unconfirmed (those
+ids listed as possible duplicates), never removes from Redis what RabbitMQ did not confirm, and
+still ends promptly on SIGTERM."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from packit_broker.stack import Stack
+from packit_broker.stack.processes import free_port
+from tests.integration.test_migrate import drain, queue_depth
+from tests.integration.test_migrate_follow import Producer, metrics, poll
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
+RECONNECT_PROMPT = 10.0  # seconds: SIGTERM during an outage ends the bridge within this
+
+
+class Bridge:
+    """`migrate --follow --json` as a process; its events are read as they come (a full pipe
+    would stall it), notices kept."""
+
+    def __init__(self, env: dict[str, str], redis_url: str, *args: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "packit_broker", "migrate", "--follow", "--json",
+             "--metrics-port", str(self.port), *args],
+            env={**os.environ, **env, "PACKIT_MIGRATE_FROM": redis_url},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.notices: list[str] = []
+        self.stderr = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            if event.get("event") == "notice":
+                self.notices.append(str(event["text"]))
+
+    def metric(self, name: str) -> float:
+        try:
+            return metrics(self.port).get(name, -1.0)
+        except OSError:
+            return -1.0
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self._reader.join(10)
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+        return code
+
+
+def in_redis(redis_url: str) -> list[str]:
+    """Task ids of every kombu envelope still in a Redis list (the migrator's own keys aside)."""
+    client = redis.Redis.from_url(redis_url)
+    ids = []
+    for key in client.keys("*"):
+        if client.type(key) != b"list" or key.startswith(b"packit_broker."):
+            continue
+        ids.extend(json.loads(raw)["headers"]["id"] for raw in client.lrange(key, 0, -1))
+    return ids
+
+
+def assert_nothing_lost(
+    stack: Stack, redis_url: str, queues: tuple[str, ...], sent: set[str], report: Path
+) -> collections.Counter[str]:
+    """Every id produced is in RabbitMQ or still in Redis; every id twice in RabbitMQ, or in
+    RabbitMQ and still in Redis (in flight when the connection went), is in the report's
+    possible_duplicates."""
+    delivered = collections.Counter(m.headers["id"] for q in queues for m in drain(stack, q))
+    left = in_redis(redis_url)
+    assert set(delivered) | set(left) == sent, "a task was lost (or invented)"
+    twice = {task_id for task_id, n in delivered.items() if n > 1} | (set(delivered) & set(left))
+    data = json.loads(report.read_text())
+    assert twice <= set(data["possible_duplicates"]), "a duplicate nobody was told about"
+    assert max(delivered.values()) <= 2
+    client = redis.Redis.from_url(redis_url)
+    assert client.get("packit_broker.inflight") is None, "in-flight journal left behind"
+    return delivered
+
+
+def _stop_rabbitmq(stack: Stack) -> None:
+    stack.processes["rabbitmq"].stop()
+
+
+def _kill_router(stack: Stack) -> None:
+    stack.processes["router"].kill()
+
+
+def _restart(stack: Stack) -> None:
+    stack.start_rabbitmq()
+    stack.start_router()
+
+
+@pytest.mark.parametrize(
+    ("fault", "outage"),
+    [(_stop_rabbitmq, 12.0), (_kill_router, 8.0)],
+    ids=["rabbitmq-stopped", "router-killed"],
+)
+def test_follow_rides_out_an_outage_with_producers_running(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+    fault: Callable[[Stack], None],
+    outage: float,
+) -> None:
+    """(a) RabbitMQ stopped, (b) the router killed, for `outage` seconds while producers keep
+    pushing 150 tasks/s into Redis, then started again: the same bridge carries on; 0 lost,
+    every duplicate listed; then --until-idle ends it with exit 0."""
+    report = tmp_path / "report.json"
+    producer = Producer(redis_url, queue_names, rate=150)
+    producer.start()
+    bridge = Bridge(
+        client_env, redis_url, "--batch-size", "40", "--until-idle", "3", "--report", str(report)
+    )
+    try:
+        poll(lambda: sum(queue_depth(stack, q) for q in queue_names) > 150, 60, "moving")
+        assert bridge.metric("packit_migrate_connected") == 1
+        began = time.monotonic()
+        try:
+            fault(stack)
+            poll(lambda: bridge.metric("packit_migrate_connected") == 0, 30, "seen as lost")
+            time.sleep(max(0.0, outage - (time.monotonic() - began)))
+            assert bridge.proc.poll() is None, "the bridge gave up during the outage"
+        finally:
+            _restart(stack)
+        back = time.monotonic()
+        poll(lambda: bridge.metric("packit_migrate_connected") == 1, 60, "reconnected")
+        reconnected_after = time.monotonic() - back
+        assert bridge.metric("packit_migrate_reconnects_total") >= 1
+        time.sleep(3)  # producers still going, the bridge moving again
+    finally:
+        sent = {s[3] for s in producer.stop()}
+    code = bridge.wait(timeout=120)
+    assert code == 0, bridge.stderr
+    assert any(n.startswith("LOST the connection to RabbitMQ") for n in bridge.notices)
+    assert any(n.startswith("reconnected to RabbitMQ") for n in bridge.notices)
+    assert "SNI" not in " ".join(bridge.notices)
+    delivered = assert_nothing_lost(stack, redis_url, queue_names, sent, report)
+    assert not in_redis(redis_url), "--until-idle ended with tasks still in Redis"
+    print(
+        f"follow through {fault.__name__}: {len(sent)} sent, {sum(delivered.values())} in"
+        f" RabbitMQ, reconnected {reconnected_after:.1f} s after the restart returned"
+    )
+
+
+def test_sigterm_during_an_outage_ends_the_bridge_promptly_with_a_report(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """A bridge reconnecting without limit still stops on SIGTERM within seconds, exit 0, its
+    report listing what was in flight; nothing is lost once RabbitMQ is back."""
+    report = tmp_path / "report.json"
+    producer = Producer(redis_url, queue_names, rate=150)
+    producer.start()
+    bridge = Bridge(client_env, redis_url, "--batch-size", "40", "--report", str(report))
+    try:
+        poll(lambda: sum(queue_depth(stack, q) for q in queue_names) > 150, 60, "moving")
+        try:
+            _kill_router(stack)
+            poll(lambda: bridge.metric("packit_migrate_connected") == 0, 30, "seen as lost")
+            time.sleep(2)
+            asked = time.monotonic()
+            bridge.proc.send_signal(signal.SIGTERM)
+            code = bridge.wait(timeout=30)
+            took = time.monotonic() - asked
+        finally:
+            _restart(stack)
+    finally:
+        sent = {s[3] for s in producer.stop()}
+    assert code == 0, bridge.stderr
+    assert took < RECONNECT_PROMPT, f"SIGTERM took {took:.1f} s during an outage"
+    data = json.loads(report.read_text())
+    assert data["complete"] is False and sum(data["pending"].values()) > 0
+    assert_nothing_lost(stack, redis_url, queue_names, sent, report)
