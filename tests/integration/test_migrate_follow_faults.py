@@ -7,6 +7,7 @@ still ends promptly on SIGTERM."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,8 @@ import redis
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import free_port
 from tests.integration.test_migrate import drain, queue_depth
-from tests.integration.test_migrate_follow import Producer, metrics, poll
+from tests.integration.test_migrate_follow import Producer, metrics, poll, ran
+from tests.integration.workers import REPO, celery_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 RECONNECT_PROMPT = 10.0  # seconds: SIGTERM during an outage ends the bridge within this
@@ -199,3 +201,95 @@ def test_sigterm_during_an_outage_ends_the_bridge_promptly_with_a_report(
     data = json.loads(report.read_text())
     assert data["complete"] is False and sum(data["pending"].values()) > 0
     assert_nothing_lost(stack, redis_url, queue_names, sent, report)
+
+
+# -- (c) a steady 200+ tasks/s for a minute, real producers and real workers ------------------
+
+RATE = 80.0  # tasks/s per queue and producer process: 240/s in all
+SECONDS = 60.0
+
+
+def test_follow_carries_200_tasks_a_second_for_a_minute_exactly_once_in_priority_order(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """Three real Celery producers (one process per queue, priorities 0/3/6/9) push 240
+    tasks/s into Redis for 60 s; the bridge carries them; real Celery workers on RabbitMQ run
+    two queues live, every 10th of their tasks with a countdown: each task runs exactly once,
+    FIFO within a priority. The third queue has no consumer until the bridge ended
+    (--until-idle, exit 0), so its whole minute waits in RabbitMQ, where the priority order is
+    observable: it is then consumed in delivery order, as a one-at-a-time worker takes it
+    (a Celery solo worker on this backlog ran it in that order but stalled 3.3 s at a time,
+    74 s in all, too slow for CI) - highest priority first, FIFO within one, each once."""
+    env = {**client_env, "PACKIT_BROKER_MAX_PRIORITY": "9"}
+    live, late = list(queue_names[:2]), queue_names[2]
+    report = tmp_path / "report.json"
+    bridge = Bridge(env, redis_url, "--until-idle", "5", "--report", str(report))
+    log = tmp_path / "ran.tsv"
+    # No result backend: a PostgreSQL write per task would cap a worker at ~10 tasks/s here.
+    worker_env = {
+        **{k: v for k, v in env.items() if not k.startswith("PACKIT_RESULT_BACKEND_")},
+        "TASKAPP_LOG": str(log),
+    }
+    outputs = [tmp_path / f"sent-{q}.tsv" for q in queue_names]
+    with contextlib.ExitStack() as workers:
+        for queue in live:
+            workers.enter_context(celery_worker(worker_env, [queue], tmp_path / f"{queue}.log"))
+        began = time.monotonic()
+        producers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.integration.celery_producer",
+                    q,
+                    str(RATE),
+                    str(SECONDS),
+                    str(out),
+                    "0" if q == late else "10",  # every 10th with a countdown
+                ],
+                env={**os.environ, "PRODUCER_REDIS_URL": redis_url, "PYTHONPATH": str(REPO)},
+                cwd=REPO,
+            )
+            for q, out in zip(queue_names, outputs, strict=True)
+        ]
+        for producer in producers:
+            assert producer.wait(timeout=SECONDS + 60) == 0
+        produced_for = time.monotonic() - began
+        assert bridge.wait(timeout=120) == 0, bridge.stderr
+        sent = [line.split("\t") for out in outputs for line in out.read_text().splitlines()]
+        live_sent = [s for s in sent if s[0] != late]
+        rows = ran(log, len(live_sent))
+    waiting = drain(stack, late)
+    rate = len(sent) / produced_for
+    assert rate >= 200, f"the producers managed only {rate:.0f} tasks/s"
+    data = json.loads(report.read_text())
+    assert data["possible_duplicates"] == [] and data["quarantined"] == 0
+    assert data["complete"] is True and sum(data["migrated"].values()) == len(sent)
+    ids = [row[1] for row in rows]
+    assert len(ids) == len(set(ids)), "a task ran twice"
+    assert set(ids) == {s[3] for s in live_sent}, "a task was lost"
+    priority = {s[2]: int(s[1]) for s in sent}
+    delayed = {s[2] for s in sent if s[4] == "1"}
+    for queue in live:
+        order = [r[0] for r in rows if r[2] == queue and r[0] not in delayed]
+        for p in set(priority.values()):
+            wanted = [s[2] for s in sent if s[0] == queue and s[1] == str(p) and s[4] == "0"]
+            got = [label for label in order if priority[label] == p]
+            assert got == wanted, f"{queue}: priority {p} not first in, first out"
+    late_ids = [m.headers["id"] for m in waiting]
+    assert sorted(late_ids) == sorted(s[3] for s in sent if s[0] == late), "lost or twice"
+    labels = [json.loads(m.body)[0][0] for m in waiting]
+    expected = sorted(
+        (s for s in sent if s[0] == late), key=lambda s: int(s[1])
+    )  # Redis priority 0 = AMQP 9 first; stable: FIFO within a priority
+    assert labels == [s[2] for s in expected], "the waiting queue is out of priority order"
+    assert [m.properties["priority"] for m in waiting] == [9 - int(s[1]) for s in expected]
+    print(
+        f"follow at {rate:.0f} tasks/s for {produced_for:.0f} s: {len(sent)} tasks, each"
+        f" once ({len(rows)} run by workers, {len(waiting)} in priority order in RabbitMQ);"
+        " bridge exit 0 after --until-idle"
+    )
