@@ -203,6 +203,37 @@ def test_sigterm_during_an_outage_ends_the_bridge_promptly_with_a_report(
     assert_nothing_lost(stack, redis_url, queue_names, sent, report)
 
 
+def test_a_run_lock_lost_while_reconnecting_stops_the_bridge(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+) -> None:
+    """The run lock stays held through an outage (its own thread renews it); if another
+    migrator takes it meanwhile, the bridge stops before its next attempt (exit 1, [redis]),
+    instead of moving under a second migrator once RabbitMQ is back."""
+    bridge = Bridge(client_env, redis_url, "--batch-size", "40")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        poll(lambda: bridge.metric("packit_migrate_connected") == 1, 60, "connected")
+        try:
+            _kill_router(stack)
+            poll(lambda: bridge.metric("packit_migrate_connected") == 0, 30, "seen as lost")
+            time.sleep(3)
+            holder = json.loads(client.get("packit_broker.lock") or b"{}")
+            assert holder.get("owner"), "the lock was not held during the outage"
+            client.set("packit_broker.lock", json.dumps({"owner": "another:1:x", "client_id": 0}))
+            code = bridge.wait(timeout=60)
+        finally:
+            _restart(stack)
+    finally:
+        if bridge.proc.poll() is None:
+            bridge.proc.kill()
+    assert code == 1, bridge.stderr
+    assert "[redis] the run lock 'packit_broker.lock' was lost" in bridge.stderr
+    assert json.loads(client.get("packit_broker.lock") or b"{}")["owner"] == "another:1:x"
+
+
 # -- (c) a steady 200+ tasks/s for a minute, real producers and real workers ------------------
 
 RATE = 80.0  # tasks/s per queue and producer process: 240/s in all
