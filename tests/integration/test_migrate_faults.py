@@ -216,3 +216,8 @@ def test_connection_lost_mid_run_is_reconnected_and_the_run_finishes(
     assert duplicates <= listed, "an unreported duplicate"
     assert len(listed) <= BATCH, "more listed than one confirm window"
     assert sum(report["migrated"].values()) >= len(expected)
+    back = next(n for n in notices if n.startswith("reconnected"))
+    print(
+        f"one-shot through {fault.__name__}: {len(expected)} moved, exit 0, {back.split(':')[0]},"
+        f" {len(duplicates)} arrived twice, {len(listed)} listed"
+    )
