@@ -17,7 +17,9 @@ those published meanwhile (FIFO within its priority is kept for all others).
 
 What fails the whole run instead raises `Diagnosed` (or the client library's error): a queue
 declared with other arguments, a resource alarm that outlasts `blocked_timeout`, a message
-over the broker's max_message_size (RabbitMQ closes the channel), a lost connection.
+over the broker's max_message_size (RabbitMQ closes the channel), a lost connection (which
+the migration reconnects: packit_broker.migrate.run, `Migration._reconnect`, after `abandon()`
+drops the dead one without a Close handshake).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ At most `batch_size` messages are unconfirmed at any time (the confirm window, a
 a crash can duplicate). The in-flight journal always names every batch that is sent but not
 yet committed (rewritten before each send and after each commit), so a crash at any instant
 leaves every possible duplicate listed. Entries that cannot be decoded or encoded, and
-messages the sink refused, are quarantined with their reason.
+messages the sink refused, are quarantined with their reason. A sink that fails mid-window
+(a lost connection) leaves its unsettled batches uncommitted and journaled.
 """
 
 from __future__ import annotations
