@@ -169,6 +169,7 @@ def test_broker_or_router_down_for_good_fails_naming_the_layer_after_the_bound(
         assert "nothing was lost" in stderr
         assert '"LOST the connection to RabbitMQ' in out
         assert stack.broker_account.password not in stderr + out
+        print(f"gave up after {fault.__name__}:\n{stderr}")
     finally:
         _restart(stack)
     finish_and_verify(stack, client_env, redis_url, queue_names, expected, 1, tmp_path)
