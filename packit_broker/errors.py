@@ -207,6 +207,95 @@ def return_reason(code: int, text: str, exchange: str, routing_key: str) -> str:
     )
 
 
+# -- RabbitMQ: a connection lost mid-run ----------------------------------------------------
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc`, met on a RabbitMQ connection that *had been established*, means the
+    connection is gone for reasons outside the configuration (a node stopped or killed, the
+    router restarted, the network cut, heartbeats missed), so reconnecting may help.
+
+    The settings were proven by the first connection: a socket, TLS or AMQP connection error
+    now is the environment. Not retried: a certificate that fails verification and a login or
+    permission refusal (someone changed them), and what the sink already diagnosed (a queue
+    with other arguments, an alarm outlasting --blocked-timeout, a queue that nacked
+    everything through --nack-retry-seconds, a message too large).
+    """
+    import amqp
+
+    if isinstance(exc, Diagnosed | ssl.SSLCertVerificationError):
+        return False
+    if isinstance(exc, amqp.exceptions.RecoverableConnectionError):
+        return True  # ConnectionForced (a node shutting down, missed heartbeats), closed
+    if isinstance(exc, amqp.exceptions.AMQPError):
+        return False  # login, permission, vhost, preconditions: not the network
+    return isinstance(exc, OSError | EOFError)
+
+
+def describe_loss(exc: BaseException) -> str:
+    """What a lost connection looked like, in words an operator can act on."""
+    text = str(exc) or type(exc).__name__
+    name = type(exc).__name__
+    if name == "ConnectionForced" and "heartbeat" in text.lower():
+        what = "no heartbeat from RabbitMQ for two intervals: its node froze or was cut off"
+    elif name == "ConnectionForced":
+        what = "the RabbitMQ node closed the connection (it is shutting down or restarting)"
+    elif isinstance(exc, TimeoutError | socket.timeout):
+        what = "RabbitMQ stopped answering (a node frozen or cut off, or the network)"
+    else:
+        what = "the RabbitMQ node or the router in front of it dropped the connection"
+    return f"{what} ({name}: {text})"
+
+
+def _reconnect_layer(last: BaseException) -> tuple[str, str]:
+    """(layer, what the last reconnect attempt showed) for a reconnect that never succeeded."""
+    if isinstance(last, ConnectionRefusedError):
+        return (
+            "router",
+            "nothing accepts TCP connections at the address dialled: the router (or, without"
+            " one, the RabbitMQ node itself) is down",
+        )
+    if isinstance(last, TimeoutError | socket.timeout):
+        return (
+            "tcp",
+            "connection attempts time out: the network or a firewall drops them, or the node"
+            " is frozen",
+        )
+    if isinstance(last, socket.gaierror):
+        return "dns", "the host name does not resolve any more"
+    return (
+        "node-lost",
+        "the router accepts connections but no RabbitMQ node behind it completes the handshake"
+        " (the session is closed before AMQP starts): the node was lost - stopped, killed or"
+        " its pod gone - and no other node has taken its place",
+    )
+
+
+def reconnect_failed(
+    endpoint: str, lost: BaseException, last: BaseException, waited: float, attempts: int
+) -> Diagnosis:
+    """The connection was lost mid-run and every reconnect within the bound failed."""
+    layer, shown = _reconnect_layer(last)
+    fixes = {
+        "router": "start the router / check the Route and PACKIT_BROKER_CONNECT_TO",
+        "tcp": "check the network path to the router and the node's health",
+        "dns": "check the host name and the cluster's DNS",
+        "node-lost": "start the RabbitMQ node (`oc get pods`, `rabbitmq-diagnostics status`;"
+        " a cluster: `rabbitmq-diagnostics cluster_status`)",
+    }
+    return Diagnosis(
+        RABBITMQ,
+        layer,
+        endpoint,
+        f"the connection was lost mid-run - {describe_loss(lost)} - and {attempts} reconnect"
+        f" attempts over {waited:.0f} s failed: {shown} (last: {type(last).__name__}:"
+        f" {str(last) or type(last).__name__})",
+        f"{fixes[layer]}; then rerun the same command - that is safe: nothing unconfirmed left"
+        " Redis, and the task ids that were in flight are kept in Redis and listed under"
+        " possible_duplicates by the next report",
+    )
+
+
 # -- Redis -----------------------------------------------------------------------------------
 
 LIST_CHANGED = "packit: list changed under the migrator"

@@ -16,11 +16,18 @@ the OpenShift router does (tests/integration/test_cluster.py, docs/deploy.md):
   raise. `READ_TIMEOUT` bounds every wait for the broker; Celery then reconnects and publishes
   again (`PUBLISH_RETRY_POLICY`), so `apply_async` returns or raises within
   `MAX_PUBLISH_BLOCK` seconds.
+
+`migrate` (one-shot and `--follow`) reconnects itself after losing RabbitMQ mid-run, with the
+pauses of `Backoff`: one-shot within `RECONNECT_WINDOW` (a quorum queue's leader election,
+the router's health checks marking a dead pod down after 3 x 5 s, and a restarted node's boot
+fit), `--follow` without limit (the bridge is a long-running Deployment).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from packit_broker.config import DEFAULT_HEARTBEAT
@@ -74,3 +81,46 @@ def recovery_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         "task_publish_retry": True,
         "task_publish_retry_policy": dict(PUBLISH_RETRY_POLICY),
     }
+
+
+#: migrate after a lost connection: first pause before reconnecting, then doubling up to
+#: RECONNECT_MAX_PAUSE (1, 2, 4, 8, 15, 15, ... s).
+RECONNECT_FIRST_PAUSE = 1.0
+RECONNECT_MAX_PAUSE = 15.0
+#: One-shot migrate gives up (exit 1, rerun safe) once this long has passed since the loss
+#: without a working connection (`migrate --reconnect-seconds`); --follow never gives up.
+RECONNECT_WINDOW = 60.0
+
+
+@dataclass
+class Backoff:
+    """Pauses between reconnect attempts, capped, within `window` seconds (None: no limit).
+
+    `next_pause()` is the pause before the next attempt, or None once the window is spent;
+    the last pause is shortened so that one attempt still happens at the window's end.
+    """
+
+    window: float | None
+    first: float = RECONNECT_FIRST_PAUSE
+    cap: float = RECONNECT_MAX_PAUSE
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(default=-1.0)
+    attempts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.started < 0:
+            self.started = self.clock()
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def next_pause(self) -> float | None:
+        pause = min(self.first * 2.0 ** min(self.attempts, 32), self.cap)
+        if self.window is not None:
+            left = self.window - self.elapsed
+            if left <= 0:
+                return None
+            pause = min(pause, left)
+        self.attempts += 1
+        return pause

@@ -29,6 +29,7 @@ from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Repo
 from packit_broker.migrate.metrics import FollowMetrics
 from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
 from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
+from packit_broker.recovery import RECONNECT_WINDOW
 
 #: What a network, TLS, broker or Redis failure can raise; anything else is a bug and shows
 #: its traceback.
@@ -198,6 +199,15 @@ class _Progress:
     " leader) before a message is taken for poison, or its queue for unavailable.",
 )
 @click.option(
+    "--reconnect-seconds",
+    type=click.FloatRange(0),
+    default=RECONNECT_WINDOW,
+    show_default=True,
+    help="After losing RabbitMQ mid-run, keep reconnecting this long (backoff 1, 2, 4 ... 15 s)"
+    " before failing; what was in flight is sent again and listed as possible duplicates."
+    " --follow reconnects without limit.",
+)
+@click.option(
     "--follow",
     is_flag=True,
     help="After the backlog, keep moving what producers still push into Redis, until"
@@ -228,6 +238,7 @@ def migrate(
     transport_options: str | None,
     blocked_timeout: float,
     nack_retry_seconds: float,
+    reconnect_seconds: float,
     follow: bool,
     until_idle: float | None,
     metrics_port: int | None,
@@ -261,6 +272,7 @@ def migrate(
         max_message_size=max_message_size,
         blocked_timeout=blocked_timeout,
         nack_retry_seconds=nack_retry_seconds,
+        reconnect_seconds=reconnect_seconds,
         follow=follow,
         until_idle=until_idle,
     )
@@ -418,7 +430,10 @@ def _print_summary(data: dict[str, Any]) -> None:
     if data["taken_over_from"]:
         click.echo(f"  took over the lock of a crashed run: {data['taken_over_from']}")
     if data["possible_duplicates"]:
-        click.echo(f"  possible duplicates after an earlier crash: {data['possible_duplicates']}")
+        click.echo(
+            f"  possible duplicates (in flight at a crash or a lost connection):"
+            f" {data['possible_duplicates']}"
+        )
     click.echo(f"  done in {data['seconds']:.1f}s")
 
 

@@ -17,11 +17,14 @@ those published meanwhile (FIFO within its priority is kept for all others).
 
 What fails the whole run instead raises `Diagnosed` (or the client library's error): a queue
 declared with other arguments, a resource alarm that outlasts `blocked_timeout`, a message
-over the broker's max_message_size (RabbitMQ closes the channel), a lost connection.
+over the broker's max_message_size (RabbitMQ closes the channel), a lost connection (which
+the migration reconnects: packit_broker.migrate.run, `Migration._reconnect`, after `abandon()`
+drops the dead one without a Close handshake).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +142,12 @@ class AmqpSink:
         try:
             self.connection.close()
         except Exception:
+            self.connection.collect()
+
+    def abandon(self) -> None:
+        """Drop the connection without a Close handshake: after it failed mid-run there is
+        nobody to answer (a Close would wait for a dead node's CloseOk)."""
+        with contextlib.suppress(Exception):  # already half torn down by py-amqp
             self.connection.collect()
 
     def __enter__(self) -> AmqpSink:

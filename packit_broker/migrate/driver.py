@@ -6,7 +6,8 @@ At most `batch_size` messages are unconfirmed at any time (the confirm window, a
 a crash can duplicate). The in-flight journal always names every batch that is sent but not
 yet committed (rewritten before each send and after each commit), so a crash at any instant
 leaves every possible duplicate listed. Entries that cannot be decoded or encoded, and
-messages the sink refused, are quarantined with their reason.
+messages the sink refused, are quarantined with their reason. A sink that fails mid-window
+(a lost connection) leaves its unsettled batches uncommitted and journaled.
 """
 
 from __future__ import annotations
@@ -91,7 +92,14 @@ class Driver(Generic[Out]):
 
     def move(self, lane: Lane) -> int:
         """Move `lane` until the source has nothing more in it, or until `stop()` (then the
-        batches in flight are finished: confirmed and committed); how many messages moved."""
+        batches in flight are finished: confirmed and committed); how many messages moved.
+
+        If the sink fails (a lost connection, anything it raises), the batches in flight are
+        abandoned, not committed: those the sink had already settled in full are committed
+        first (in order, from the consuming end), the others stay in the source, still named
+        by the journal, and the sink's error is raised. A caller that reconnects adopts the
+        journal into the possible duplicates and moves the lane again from its consuming end.
+        """
         depth = 2 if self.batch_size >= 2 else 1  # batches in flight
         size = self.batch_size // depth  # so at most batch_size are unconfirmed
         inflight: collections.deque[tuple[Batch[Out], Ticket]] = collections.deque()
@@ -103,28 +111,67 @@ class Driver(Generic[Out]):
             batch: Batch[Out] = self.decode(entries, lane)
             if batch.entries:
                 self.check()
-                inflight.append((batch, Ticket(0, 0)))
+                # Until the sink's own ticket replaces it, an unsettled placeholder: a batch
+                # whose send failed half-way stays in flight (journaled, never committed).
+                sending = len(batch.messages)
+                inflight.append((batch, Ticket(sending, max(sending, 1))))
                 self.source.mark_inflight(lane.key, _task_ids(b for b, _ in inflight))
                 batch.sent_at = time.monotonic()
-                inflight[-1] = (batch, self.sink.send(batch.messages))
+                try:
+                    ticket = self.sink.send(batch.messages)
+                except Exception:
+                    self._salvage(lane, inflight)
+                    raise
+                inflight[-1] = (batch, ticket)
                 skip += len(batch.entries)
             if not inflight:
                 return moved
             if len(inflight) < depth and batch.entries:
                 continue
-            done, ticket = inflight.popleft()
-            done.refuse(self.sink.wait(ticket))
-            self.on_batch(lane.target.name, time.monotonic() - done.sent_at)
-            # The source re-checks that `done` is still at its consuming end before removing
-            # it; the journal is kept (it still names the batch in flight) and rewritten.
-            self.source.commit(lane, done.entries, done.quarantine, keep_marker=bool(inflight))
+            done, ticket = inflight[0]
+            # If this wait fails, nothing is committed: the batch at the consuming end is not
+            # settled, so no batch after it can be removed either.
+            refused = self.sink.wait(ticket)
+            inflight.popleft()
+            moved += self._commit(lane, done, refused, inflight)
             skip -= len(done.entries)
-            if inflight:
-                self.source.mark_inflight(lane.key, _task_ids(b for b, _ in inflight))
-            self.report.quarantine.extend(QuarantinedEntry(lane.key, r) for r in done.reasons)
-            count = len(done.messages) - len(done.refused)
-            moved += count
-            self.count(lane.target.name, count)
+
+    def _commit(
+        self,
+        lane: Lane,
+        done: Batch[Out],
+        refused: Sequence[Rejection],
+        inflight: collections.deque[tuple[Batch[Out], Ticket]],
+    ) -> int:
+        """Commit a settled batch; rewrite the journal for the batches still in flight."""
+        done.refuse(refused)
+        self.on_batch(lane.target.name, time.monotonic() - done.sent_at)
+        # The source re-checks that `done` is still at its consuming end before removing
+        # it; the journal is kept (it still names the batch in flight) and rewritten.
+        self.source.commit(lane, done.entries, done.quarantine, keep_marker=bool(inflight))
+        if inflight:
+            self.source.mark_inflight(lane.key, _task_ids(b for b, _ in inflight))
+        self.report.quarantine.extend(QuarantinedEntry(lane.key, r) for r in done.reasons)
+        count = len(done.messages) - len(done.refused)
+        self.count(lane.target.name, count)
+        return count
+
+    def _salvage(
+        self,
+        lane: Lane,
+        inflight: collections.deque[tuple[Batch[Out], Ticket]],
+    ) -> None:
+        """A send failed: commit the leading batches the sink had settled in full before
+        (their confirms arrived; resending them would only make duplicates), and stop at the
+        first one that is not."""
+        while inflight and inflight[0][1].settled:
+            done, ticket = inflight[0]
+            try:
+                refused = self.sink.wait(ticket)  # settled: nothing to wait for, only reasons
+            except Exception:
+                return  # e.g. nacks it would have to publish again: left in flight
+            inflight.popleft()
+            self._commit(lane, done, refused, inflight)
 
     def count(self, queue: str, count: int) -> None:
         self.report.migrated[queue] = self.report.migrated.get(queue, 0) + count

@@ -3,7 +3,8 @@
 What an SRE watches while producers switch over one by one: messages moved and quarantined,
 what is still pending in Redis per queue, how long since the last move (a producer still on
 Redis shows as moves continuing), whether the bridge is paused by a live Redis consumer, and
-how long RabbitMQ takes to confirm a batch.
+how long RabbitMQ takes to confirm a batch, and whether the bridge is connected to RabbitMQ
+(0 while it reconnects after an outage).
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ class FollowMetrics:
         self.paused = Gauge(
             "packit_migrate_paused",
             "1 while a live consumer of the source pauses the bridge",
+            registry=self.registry,
+        )
+        self.connected = Gauge(
+            "packit_migrate_connected",
+            "1 while connected to the destination, 0 while reconnecting after losing it",
+            registry=self.registry,
+        )
+        self.reconnects = Counter(
+            "packit_migrate_reconnects",
+            "Connections to the destination lost mid-run and made again",
             registry=self.registry,
         )
         self.batch_latency = Histogram(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from packit_broker import errors
 from packit_broker.config import BrokerEndpoint
 from packit_broker.envelope import (
     AmqpMessage,
@@ -39,6 +40,7 @@ from packit_broker.migrate.redis_source import (
 )
 from packit_broker.migrate.report import QuarantinedEntry, Report, skipped_list, wrong_type_list
 from packit_broker.queues import QueueSettings, QueueSpec
+from packit_broker.recovery import RECONNECT_MAX_PAUSE, RECONNECT_WINDOW, Backoff
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
 Bindings = dict[str, set[tuple[str, str]]]
@@ -59,6 +61,8 @@ class MigrateOptions:
     follow: bool = False  # after the backlog, keep moving what producers still push
     until_idle: float | None = None  # --follow ends once the queues stayed empty this long
     poll_seconds: float = 0.1  # --follow: pause between rounds that found nothing
+    #: one-shot: how long after losing RabbitMQ mid-run to keep reconnecting (--follow: always)
+    reconnect_seconds: float = RECONNECT_WINDOW
 
 
 @dataclass
@@ -290,6 +294,8 @@ class Migration:
             self.progress = _tee(self.progress, metrics.count)
         self.notify = notify or (lambda text: None)
         self.show_pending = show_pending or (lambda pending: None)
+        self._backoff: Backoff | None = None  # the reconnect backoff of an outage going on
+        self._progressed = False  # a batch was committed over the current connection
 
     def run(self, plan: Plan) -> Report:
         """Refusals first (nothing touched), then the run lock, then the moves."""
@@ -317,31 +323,115 @@ class Migration:
         self.report.adopted_duplicates = len(self.report.possible_duplicates)
         self.report.skipped = dict(plan.skipped)
         self.report.wrong_type = dict(plan.wrong_type)
-        sink = AmqpSink(
+        # The first connection's failures are diagnosed as they are (a wrong setting should
+        # fail fast); once connected, a lost connection is reconnected (see _reconnect).
+        sink: AmqpSink | None = self._sink().connect()
+        while sink is not None:
+            self._set_connected(True)
+            connected_at = time.monotonic()
+            try:
+                self._use(sink, plan)
+            except Exception as exc:
+                if not errors.connection_lost(exc):
+                    sink.close()
+                    raise
+                sink.abandon()
+                if self._progressed or time.monotonic() - connected_at >= RECONNECT_MAX_PAUSE:
+                    self._backoff = None  # a new outage, not the same one going on
+                sink = self._reconnect(exc)
+            else:
+                sink.close()
+                sink = None
+        self.report.remaining = self._remaining(plan)
+        if self.options.follow:
+            self._pending(plan)
+
+    def _sink(self) -> AmqpSink:
+        return AmqpSink(
             self.broker,
             blocked_timeout=self.options.blocked_timeout,
             max_message_size=self.options.max_message_size,
             nack_retry_seconds=self.options.nack_retry_seconds,
         )
-        with sink:
-            driver = Driver(
-                self.source,
-                sink,
-                self.report,
-                batch_size=self.options.batch_size,
-                progress=self.progress,
-                check=self._check_lock,
-                stop=self.stop.is_set,
-                on_batch=self._on_batch,
+
+    def _use(self, sink: AmqpSink, plan: Plan) -> None:
+        """Declare, then move (and follow) over one connection."""
+        self._progressed = False
+        driver = Driver(
+            self.source,
+            sink,
+            self.report,
+            batch_size=self.options.batch_size,
+            progress=self.progress,
+            check=self._check_lock,
+            stop=self.stop.is_set,
+            on_batch=self._on_batch,
+        )
+        for queue_plan in plan.queues:
+            sink.prepare(queue_plan.spec)
+            self.report.migrated.setdefault(queue_plan.spec.name, 0)
+        selected = {q.spec.name: q.spec for q in plan.queues}
+        # A bridge stopped while still paused by a Redis consumer has moved nothing.
+        if not self.options.follow or self.options.force or self._no_consumers(sink):
+            self._move_all(driver, sink, selected, plan)
+
+    # -- a connection lost mid-run ----------------------------------------------------------
+
+    def _reconnect(self, lost: BaseException) -> AmqpSink | None:
+        """The connection to RabbitMQ was lost mid-run: nothing unconfirmed was committed, and
+        the journal names what was in flight. Adopt it into the possible duplicates (those
+        batches are sent again), say so loudly, and reconnect with capped backoff: within
+        --reconnect-seconds (one-shot), without limit (--follow, until stopped). The run lock
+        stays held meanwhile (its own thread renews it); a lost lock stops the run. The new
+        sink, or None if stopped meanwhile; `Diagnosed` once the window is spent."""
+        self._set_connected(False)
+        self._check_lock()
+        adopted = self.source.adopt_crashed_inflight()
+        self.report.possible_duplicates = self.source.possible_duplicates()
+        window = None if self.options.follow else self.options.reconnect_seconds
+        if self._backoff is None:
+            self._backoff = Backoff(window)
+        backoff = self._backoff
+        bound = "until stopped" if window is None else f"for up to {window:g} s"
+        self.notify(
+            f"LOST the connection to RabbitMQ at {self.broker.display_url}: "
+            f"{errors.describe_loss(lost)}. Reconnecting {bound}; the {adopted} tasks that"
+            " were in flight stay in Redis, are sent again and listed under possible_duplicates"
+        )
+        last = lost
+        while (pause := backoff.next_pause()) is not None:
+            if self.stop.wait(pause):
+                return None
+            self._check_lock()
+            sink = self._sink()
+            try:
+                sink.connect()
+            except Exception as exc:
+                sink.abandon()
+                if not errors.connection_lost(exc):
+                    raise
+                last = exc
+                self.notify(
+                    f"reconnect attempt {backoff.attempts} to RabbitMQ failed after"
+                    f" {backoff.elapsed:.0f} s: {type(exc).__name__}: {exc}"
+                )
+                continue
+            self.notify(
+                f"reconnected to RabbitMQ after {backoff.elapsed:.1f} s (attempt"
+                f" {backoff.attempts}): moving on, what was in flight is sent again"
             )
-            for queue_plan in plan.queues:
-                sink.prepare(queue_plan.spec)
-                self.report.migrated.setdefault(queue_plan.spec.name, 0)
-            selected = {q.spec.name: q.spec for q in plan.queues}
-            # A bridge stopped while still paused by a Redis consumer has moved nothing.
-            if not self.options.follow or self.options.force or self._no_consumers(sink):
-                self._move_all(driver, sink, selected, plan)
-        self.report.remaining = self._remaining(plan)
+            if self.metrics is not None:
+                self.metrics.reconnects.inc()
+            return sink
+        raise errors.Diagnosed(
+            errors.reconnect_failed(
+                self.broker.display_url, lost, last, backoff.elapsed, backoff.attempts
+            )
+        )
+
+    def _set_connected(self, connected: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.connected.set(1 if connected else 0)
 
     def _move_all(
         self,
@@ -421,6 +511,7 @@ class Migration:
             self.metrics.paused.set(1 if paused else 0)
 
     def _on_batch(self, queue: str, seconds: float) -> None:
+        self._progressed = True
         if self.metrics is not None:
             self.metrics.batch_latency.labels(queue).observe(seconds)
 
@@ -536,5 +627,6 @@ class Migration:
         return sink.publish(messages) if messages else []
 
     def _count(self, queue: str, count: int) -> None:
+        self._progressed = True
         self.report.migrated[queue] = self.report.migrated.get(queue, 0) + count
         self.progress(queue, count)

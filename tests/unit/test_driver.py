@@ -126,3 +126,53 @@ def test_check_runs_before_every_send_and_stops_the_move() -> None:
         Driver(source, sink, Report(), batch_size=2, check=check).move(LANE)
     assert len(sink.unconfirmed) + len(sink.delivered) == 2  # nothing sent after the failure
     assert set(sink.unconfirmed) <= set(source.journal)
+
+
+class LosingSink(RecordingSink):
+    """Settles each batch as soon as it is sent (its confirms arrived), then loses the
+    connection on send number `lose_at` (1-based), after publishing half of that batch."""
+
+    def __init__(self, source: ListSource, window: int, lose_at: int) -> None:
+        super().__init__(source, window)
+        self.lose_at = lose_at
+        self.sends = 0
+        self.published: list[str] = []  # what reached the broker, confirmed or not
+
+    def send(self, messages: Sequence[TaskMessage]) -> Ticket:
+        self.sends += 1
+        if self.sends == self.lose_at:
+            self.published.extend(str(m.task_id) for m in messages[: len(messages) // 2])
+            raise ConnectionResetError("connection lost")
+        ticket = super().send(messages)
+        self.published.extend(str(m.task_id) for m in messages)
+        ticket.outstanding = 0  # confirmed at once
+        return ticket
+
+
+def test_a_lost_send_commits_only_what_was_confirmed_and_journals_the_rest() -> None:
+    """Batch 1 confirmed, batch 2's send fails half-way: batch 1 is committed (no needless
+    duplicate), batch 2 stays in the source, named by the journal - never removed."""
+    source = ListSource(entries(20))
+    sink = LosingSink(source, window=8, lose_at=2)
+    report = Report()
+    with pytest.raises(ConnectionResetError):
+        Driver(source, sink, report, batch_size=8).move(LANE)
+    assert report.migrated == {"q": 4}  # batch 1 (half of the window) committed
+    assert len(source.entries) == 16  # batch 2 and the rest still in the source
+    assert source.journal == ["t4", "t5", "t6", "t7"]  # exactly the batch in doubt
+    assert set(sink.published) - {f"t{i}" for i in range(4)} <= set(source.journal)
+
+
+def test_a_failed_wait_commits_nothing_in_flight() -> None:
+    source = ListSource(entries(20))
+    sink = RecordingSink(source, window=8)
+    report = Report()
+
+    def lost(ticket: Ticket) -> list[Rejection]:
+        raise ConnectionResetError("connection lost")
+
+    sink.wait = lost  # type: ignore[method-assign]
+    with pytest.raises(ConnectionResetError):
+        Driver(source, sink, report, batch_size=8).move(LANE)
+    assert report.migrated == {} and len(source.entries) == 20
+    assert set(sink.unconfirmed) == set(source.journal) == {f"t{i}" for i in range(8)}

@@ -112,3 +112,46 @@ def test_rabbitmq_access_refused_is_login_or_permission() -> None:
 def test_diagnosed_passes_through() -> None:
     known = errors.blocked("e", "low on memory", 1)
     assert classify(errors.Diagnosed(known), RABBITMQ, "other") is known
+
+
+@pytest.mark.parametrize(
+    ("exc", "lost"),
+    [
+        (OSError("Server unexpectedly closed connection"), True),
+        (ConnectionResetError(104, "Connection reset by peer"), True),
+        (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), True),
+        (TimeoutError("timed out"), True),
+        (amqp.exceptions.ConnectionForced("Too many heartbeats missed"), True),
+        (amqp.exceptions.RecoverableConnectionError("connection already closed"), True),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), False),
+        (amqp.exceptions.AccessRefused("ACCESS_REFUSED - Login was refused"), False),
+        (amqp.exceptions.PreconditionFailed("PRECONDITION_FAILED"), False),
+        (errors.Diagnosed(errors.queue_refuses_all("e", "q", 30)), False),
+        (redis.ConnectionError("Redis gone"), False),
+    ],
+)
+def test_what_counts_as_a_lost_connection(exc: BaseException, lost: bool) -> None:
+    assert errors.connection_lost(exc) is lost
+
+
+@pytest.mark.parametrize(
+    ("last", "layer"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), "router"),
+        (OSError("Server unexpectedly closed connection"), "node-lost"),
+        (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), "node-lost"),
+        (ConnectionResetError(104, "Connection reset by peer"), "node-lost"),
+        (TimeoutError("timed out"), "tcp"),
+    ],
+)
+def test_a_reconnect_that_never_succeeds_names_the_layer_not_sni(
+    last: BaseException, layer: str
+) -> None:
+    lost = amqp.exceptions.ConnectionForced("CONNECTION_FORCED - broker forced connection closure")
+    found = errors.reconnect_failed("amqps://u:***@h:443/", lost, last, 61.2, 7)
+    assert (found.side, found.layer) == (RABBITMQ, layer)
+    text = str(found)
+    assert "lost mid-run" in text and "7 reconnect attempts over 61 s" in text
+    assert "rerun the same command - that is safe" in text
+    assert "SNI" not in text and "TLS handshake" not in text
+    assert "shutting down" in text  # what the loss looked like

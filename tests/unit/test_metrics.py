@@ -36,3 +36,15 @@ def test_metrics_follow_the_report_and_the_moves() -> None:
     assert seen['packit_migrate_batch_latency_seconds_count{queue="q"}'] == 1
     assert 0 <= seen["packit_migrate_seconds_since_last_move"] < 5
     assert seen["packit_migrate_paused"] == 0
+
+
+def test_connected_goes_to_0_while_reconnecting() -> None:
+    metrics = FollowMetrics()
+    port = free_port()
+    metrics.serve(port, "127.0.0.1")
+    metrics.connected.set(1)
+    assert scrape(port)["packit_migrate_connected"] == 1
+    metrics.connected.set(0)
+    metrics.reconnects.inc()
+    seen = scrape(port)
+    assert seen["packit_migrate_connected"] == 0 and seen["packit_migrate_reconnects_total"] == 1
