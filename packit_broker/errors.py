@@ -223,12 +223,19 @@ def connection_lost(exc: BaseException) -> bool:
     """
     import amqp
 
-    if isinstance(exc, Diagnosed | ssl.SSLCertVerificationError):
+    if isinstance(exc, Diagnosed):
         return False
     if isinstance(exc, amqp.exceptions.RecoverableConnectionError):
         return True  # ConnectionForced (a node shutting down, missed heartbeats), closed
     if isinstance(exc, amqp.exceptions.AMQPError):
         return False  # login, permission, vhost, preconditions: not the network
+    if isinstance(exc, ssl.SSLError):
+        # A session cut short (the peer or the router went away) is the network; any other
+        # TLS failure - our certificate expired or now required, an unknown CA, a plaintext
+        # answer - is a setting, retrying it forever would only hide it.
+        return isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or (
+            "timed out" in str(exc)
+        )
     return isinstance(exc, OSError | EOFError)
 
 
@@ -272,10 +279,21 @@ def _reconnect_layer(last: BaseException) -> tuple[str, str]:
 
 
 def reconnect_failed(
-    endpoint: str, lost: BaseException, last: BaseException, waited: float, attempts: int
+    endpoint: str,
+    lost: BaseException,
+    last: BaseException,
+    waited: float,
+    attempts: int,
+    relost: int = 0,
 ) -> Diagnosis:
-    """The connection was lost mid-run and every reconnect within the bound failed."""
+    """The connection was lost mid-run and every reconnect within the bound failed;
+    `relost`: reconnects of the same outage that worked but were lost again at once."""
     layer, shown = _reconnect_layer(last)
+    if relost:
+        shown += (
+            f"; {relost} reconnect(s) in this outage worked but each connection was lost again"
+            " within seconds (a node restarting over and over, or a flapping network)"
+        )
     fixes = {
         "router": "start the router / check the Route and PACKIT_BROKER_CONNECT_TO",
         "tcp": "check the network path to the router and the node's health",

@@ -77,6 +77,10 @@ class AmqpTicket(Ticket):
     #: (index in the batch, message, when first nacked)
     nacked: list[tuple[int, AmqpMessage, float]] = field(default_factory=list)
 
+    @property
+    def final(self) -> bool:
+        return self.settled and not self.nacked  # nacked ones are published again by `wait`
+
 
 class AmqpSink:
     """The RabbitMQ sink of the migration driver (packit_broker.migrate.protocols.Sink)."""
@@ -148,6 +152,12 @@ class AmqpSink:
         """Drop the connection without a Close handshake: after it failed mid-run there is
         nobody to answer (a Close would wait for a dead node's CloseOk)."""
         with contextlib.suppress(Exception):  # already half torn down by py-amqp
+            # Non-blocking first: closing TLS waits for the peer's close_notify, and a frozen
+            # or cut-off node never sends one (that wait was the socket timeout, 10 s).
+            sock = getattr(self.connection.transport, "sock", None)
+            if sock is not None:
+                sock.settimeout(0)
+        with contextlib.suppress(Exception):
             self.connection.collect()
 
     def __enter__(self) -> AmqpSink:

@@ -163,13 +163,14 @@ class Driver(Generic[Out]):
     ) -> None:
         """A send failed: commit the leading batches the sink had settled in full before
         (their confirms arrived; resending them would only make duplicates), and stop at the
-        first one that is not."""
-        while inflight and inflight[0][1].settled:
+        first one that is not - or that still has something to redo over the failed
+        connection (e.g. nacked messages to publish again): that one stays in flight."""
+        while inflight and inflight[0][1].final:
             done, ticket = inflight[0]
             try:
-                refused = self.sink.wait(ticket)  # settled: nothing to wait for, only reasons
+                refused = self.sink.wait(ticket)  # final: nothing to wait for, only reasons
             except Exception:
-                return  # e.g. nacks it would have to publish again: left in flight
+                return
             inflight.popleft()
             self._commit(lane, done, refused, inflight)
 

@@ -48,6 +48,11 @@ class Ticket:
     def settled(self) -> bool:
         return self.outstanding == 0
 
+    @property
+    def final(self) -> bool:
+        """Settled with nothing left for the sink to redo: `wait` needs no connection."""
+        return self.settled
+
 
 class Source(Protocol):
     def read(self, lane: Lane, skip: int, count: int) -> Sequence[bytes]:

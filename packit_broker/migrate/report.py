@@ -40,7 +40,8 @@ class Report:
             "unacked_migrated": self.unacked_migrated,
             "quarantined": len(self.quarantine),
             "quarantine": [{"source": q.source, "reason": q.reason} for q in self.quarantine],
-            "possible_duplicates": list(self.possible_duplicates),
+            # A task id adopted at several losses of the same batch is listed once.
+            "possible_duplicates": list(dict.fromkeys(self.possible_duplicates)),
             "skipped": skipped_list(self.skipped),
             "wrong_type": wrong_type_list(self.wrong_type),
             "remaining": dict(self.remaining),

@@ -296,6 +296,8 @@ class Migration:
         self.show_pending = show_pending or (lambda pending: None)
         self._backoff: Backoff | None = None  # the reconnect backoff of an outage going on
         self._progressed = False  # a batch was committed over the current connection
+        self._relost = 0  # reconnects of the current outage that were lost again at once
+        self._unacked_moved = False  # the plan's unacked entries are done (not redone)
 
     def run(self, plan: Plan) -> Report:
         """Refusals first (nothing touched), then the run lock, then the moves."""
@@ -338,6 +340,9 @@ class Migration:
                 sink.abandon()
                 if self._progressed or time.monotonic() - connected_at >= RECONNECT_MAX_PAUSE:
                     self._backoff = None  # a new outage, not the same one going on
+                    self._relost = 0
+                elif self._backoff is not None:
+                    self._relost += 1  # reconnected, and lost again at once: same outage
                 sink = self._reconnect(exc)
             else:
                 sink.close()
@@ -399,8 +404,10 @@ class Migration:
             " were in flight stay in Redis, are sent again and listed under possible_duplicates"
         )
         last = lost
-        while (pause := backoff.next_pause()) is not None:
-            if self.stop.wait(pause):
+        tried = False  # every loss gets one attempt, even in a spent window
+        while (pause := backoff.next_pause()) is not None or not tried:
+            tried = True
+            if self.stop.wait(pause or 0.0):
                 return None
             self._check_lock()
             sink = self._sink()
@@ -425,7 +432,12 @@ class Migration:
             return sink
         raise errors.Diagnosed(
             errors.reconnect_failed(
-                self.broker.display_url, lost, last, backoff.elapsed, backoff.attempts
+                self.broker.display_url,
+                lost,
+                last,
+                backoff.elapsed,
+                backoff.attempts,
+                self._relost,
             )
         )
 
@@ -440,9 +452,12 @@ class Migration:
         selected: dict[str, QueueSpec],
         plan: Plan,
     ) -> None:
-        if self.options.include_unacked and plan.unacked_readable:
+        # The unacked entries are the plan's, judged once (by fresh_unacked at the start): after
+        # a reconnect they are not swept again, an entry a live worker got since is not ours.
+        if self.options.include_unacked and plan.unacked_readable and not self._unacked_moved:
             with self.source.unacked_mutex() as mutex:
                 self._move_unacked(sink, selected, plan, mutex)
+        self._unacked_moved = True
         for queue_plan in plan.queues:
             for key in queue_plan.keys.values():
                 driver.move(Lane(key, queue_plan.spec))

@@ -176,3 +176,46 @@ def test_a_failed_wait_commits_nothing_in_flight() -> None:
         Driver(source, sink, report, batch_size=8).move(LANE)
     assert report.migrated == {} and len(source.entries) == 20
     assert set(sink.unconfirmed) == set(source.journal) == {f"t{i}" for i in range(8)}
+
+
+class NackedTicket(Ticket):
+    """A ticket settled by the broker, but with nacked messages the sink must publish again."""
+
+    @property
+    def final(self) -> bool:
+        return False
+
+
+class NackingLosingSink(LosingSink):
+    """Like LosingSink, but batch 1 came back with nacks to redo."""
+
+    def send(self, messages: Sequence[TaskMessage]) -> Ticket:
+        ticket = super().send(messages)
+        if self.sends == 1:
+            nacked = NackedTicket(ticket.size, 0)
+            self.tickets[-1] = (nacked, self.tickets[-1][1])
+            return nacked
+        return ticket
+
+    def wait(self, ticket: Ticket) -> list[Rejection]:
+        self.waited_on_dead_connection = True  # it would publish the nacks over it again
+        raise ConnectionResetError("connection lost")
+
+
+def test_a_lost_send_leaves_a_batch_with_nacks_to_redo_in_flight() -> None:
+    """Batch 1 is settled but holds nacked messages; batch 2's send fails: batch 1 is not
+    redone over the dead connection nor committed, both stay in the source and the journal."""
+    source = ListSource(entries(20))
+    sink = NackingLosingSink(source, window=8, lose_at=2)
+    report = Report()
+    with pytest.raises(ConnectionResetError):
+        Driver(source, sink, report, batch_size=8).move(LANE)
+    assert report.migrated == {} and len(source.entries) == 20
+    assert source.journal == [f"t{i}" for i in range(8)]
+    assert not getattr(sink, "waited_on_dead_connection", False)
+
+
+def test_a_task_adopted_at_several_losses_is_listed_once() -> None:
+    report = Report(possible_duplicates=["t1", "t2", "t1", "t3", "t2"])
+    assert report.as_dict()["possible_duplicates"] == ["t1", "t2", "t3"]
+    assert len(report.possible_duplicates) == 5  # what Redis holds: trimmed by this count

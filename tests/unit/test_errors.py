@@ -124,6 +124,12 @@ def test_diagnosed_passes_through() -> None:
         (amqp.exceptions.ConnectionForced("Too many heartbeats missed"), True),
         (amqp.exceptions.RecoverableConnectionError("connection already closed"), True),
         (ssl.SSLCertVerificationError(1, "certificate verify failed"), False),
+        # The server refusing our TLS settings is a setting, not an outage: not retried.
+        (ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] alert"), False),
+        (ssl.SSLError(1, "[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] alert"), False),
+        (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), False),
+        (ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed (EOF)"), True),
+        (ssl.SSLError("The read operation timed out"), True),
         (amqp.exceptions.AccessRefused("ACCESS_REFUSED - Login was refused"), False),
         (amqp.exceptions.PreconditionFailed("PRECONDITION_FAILED"), False),
         (errors.Diagnosed(errors.queue_refuses_all("e", "q", 30)), False),
@@ -155,3 +161,12 @@ def test_a_reconnect_that_never_succeeds_names_the_layer_not_sni(
     assert "rerun the same command - that is safe" in text
     assert "SNI" not in text and "TLS handshake" not in text
     assert "shutting down" in text  # what the loss looked like
+
+
+def test_a_give_up_after_reconnects_that_were_lost_again_says_so() -> None:
+    lost = ConnectionResetError(104, "Connection reset by peer")
+    last = OSError("Server unexpectedly closed connection")
+    found = errors.reconnect_failed("amqps://u:***@h:443/", lost, last, 61.0, 4, relost=3)
+    assert "3 reconnect(s) in this outage worked but each connection was lost again" in str(found)
+    plain = errors.reconnect_failed("amqps://u:***@h:443/", lost, last, 61.0, 4)
+    assert "worked but" not in str(plain)
