@@ -50,6 +50,8 @@ class Delivery(bytes):
     @classmethod
     def of(cls, message: Any) -> Delivery:
         body = message.body
+        if body == "":  # py-amqp leaves a bodyless message's default: an empty str
+            body = b""
         if isinstance(body, str):  # only if py-amqp's auto_decode was on: never here
             raise TypeError("channel decoded a body; auto_decode must be off")
         delivery = cls(body)

@@ -1,0 +1,528 @@
+"""Issue 10, the rollback: RabbitMQ -> Redis with `migrate --from amqps://... --to redis://...`,
+on real RabbitMQ (through the router), real Redis, real Celery producers and workers."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import amqp
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kombu import Connection, Producer
+
+from packit_broker.codecs import AmqpMessage, from_redis, to_amqp
+from packit_broker.config import broker_from_env
+from packit_broker.kombu_layout import KombuLayout
+from packit_broker.migrate import MigrateOptions, Migration, make_plan
+from packit_broker.migrate.redis_source import RedisSource
+from packit_broker.migrate.rollback import Rollback, RollbackOptions
+from packit_broker.queues import QueueSettings, QueueSpec
+from packit_broker.stack import Stack
+from packit_broker.stack.processes import Process
+from tests.integration import backlog
+from tests.integration.test_migrate import queue_depth, run_migrate
+from tests.integration.workers import REPO
+
+pytestmark = pytest.mark.integration
+
+MAX_PRIORITY = 10
+
+
+def rollback_env(client_env: dict[str, str], redis_url: str) -> dict[str, str]:
+    """The documented form: both URLs in the environment, none in argv; the AMQP side takes
+    the PACKIT_BROKER_CA_FILE / CONNECT_TO settings; PACKIT_BROKER_URL is not needed."""
+    env = {**client_env, "PACKIT_BROKER_MAX_PRIORITY": str(MAX_PRIORITY)}
+    env["PACKIT_MIGRATE_FROM"] = env.pop("PACKIT_BROKER_URL")
+    env["PACKIT_MIGRATE_TO"] = redis_url
+    return env
+
+
+def start_rollback(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "packit_broker", "migrate", "--json", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def drain_exact(stack: Stack, queue: str) -> list[amqp.Message]:
+    """Every message now in `queue`, bodies as the exact bytes (no auto-decoding); acked."""
+    messages = []
+    with stack.amqp_connection() as conn:
+        channel = conn.channel()
+        channel.auto_decode = False
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            messages.append(message)
+    return messages
+
+
+def body_of(message: amqp.Message) -> bytes:
+    """The exact body (py-amqp leaves a bodyless message's default, an empty str)."""
+    body = message.body
+    assert isinstance(body, bytes) or body == "", "auto_decode turned a body into text"
+    return body if isinstance(body, bytes) else b""
+
+
+def consumers(stack: Stack, queue: str) -> int:
+    with stack.amqp_connection() as conn:
+        return int(conn.channel().queue_declare(queue, passive=True).consumer_count)
+
+
+def publish(stack: Stack, spec: QueueSpec, messages: list[AmqpMessage]) -> None:
+    """Publish straight to RabbitMQ (as a producer after the cut-over would) and wait until
+    the queue holds them all."""
+    with stack.amqp_connection() as conn:
+        channel = conn.channel()
+        spec.declare(channel)
+        before = int(channel.queue_declare(spec.name, passive=True).message_count)
+        for m in messages:
+            channel.basic_publish(
+                amqp.Message(m.body, **m.properties), exchange=m.exchange, routing_key=m.routing_key
+            )
+    deadline = time.monotonic() + 30
+    while queue_depth(stack, spec.name) < before + len(messages):
+        assert time.monotonic() < deadline, "RabbitMQ did not take the messages"
+        time.sleep(0.1)
+
+
+def celery_messages(redis_url: str, spec: QueueSpec, count: int) -> list[AmqpMessage]:
+    """`count` copies of a real Celery task message (fresh ids), as the forward run would
+    have published them to `spec`."""
+    client = redis.Redis.from_url(redis_url)
+    scratch = f"template-{uuid.uuid4().hex[:8]}"
+    backlog.send(backlog.producer(redis_url, (scratch,)), scratch, "template")
+    raw = client.rpop(scratch)
+    assert raw is not None
+    template = from_redis(raw)
+    out = []
+    for i in range(count):
+        task_id = str(uuid.uuid4())
+        headers = {**template.headers, "id": task_id, "root_id": task_id}
+        body = json.dumps([[f"{spec.name}:{i}"], {}, {}]).encode()
+        message = type(template)(
+            body=body,
+            headers=headers,
+            properties={**template.properties, "correlation_id": task_id},
+            content_type=template.content_type,
+            content_encoding=template.content_encoding,
+            exchange="",
+            routing_key=spec.name,
+        )
+        out.append(to_amqp(message, queue=spec.name, max_priority=spec.max_priority))
+    return out
+
+
+def ids_in_redis(client: redis.Redis, layout: KombuLayout, queue: str) -> list[str]:
+    ids = []
+    for key in layout.bucket_keys(queue).values():
+        for raw in client.lrange(key, 0, -1):
+            ids.append(json.loads(raw)["headers"]["id"])
+    return ids
+
+
+@contextlib.contextmanager
+def redis_worker(redis_url: str, queues: list[str], log: Path, worker_log: Path) -> Iterator[None]:
+    """A real Celery worker back on Redis: solo pool, one task at a time, logging the order."""
+    argv = [
+        sys.executable, "-m", "celery", "-A", "tests.integration.redis_taskapp", "worker",
+        "-P", "solo", "-Q", ",".join(queues), "-l", "warning", "--without-gossip",
+        "--without-mingle", "--without-heartbeat", "-n", f"rollback-{uuid.uuid4().hex[:6]}@%h",
+    ]  # fmt: skip
+    env = {
+        "REDIS_TASKAPP_URL": redis_url,
+        "REDIS_TASKAPP_QUEUES": ",".join(queues),
+        "REDIS_TASKAPP_LOG": str(log),
+        "PYTHONPATH": str(REPO),
+    }
+    proc = Process("redis-worker", argv, worker_log, env=env, cwd=REPO)
+    proc.start()
+    try:
+        yield
+    finally:
+        proc.stop()
+
+
+def lines(log: Path, count: int, timeout: float = 90) -> list[list[str]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= count:
+            break
+        time.sleep(0.3)
+    time.sleep(1)  # a duplicate would show up now
+    return [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+
+
+# -- the round trip, over generated Celery messages ---------------------------------------------
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text("abcdefghij_-", min_size=1, max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+WHEN = st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2040, 1, 1)).map(
+    lambda d: d.replace(tzinfo=UTC).isoformat()
+)
+
+
+@st.composite
+def celery_message(draw: st.DrawFn) -> dict[str, Any]:
+    """What a Celery producer passes to kombu: protocol 2 headers (eta/expires included),
+    properties, priority, a body of any bytes with its content type and encoding."""
+    task_id = str(uuid.UUID(int=draw(st.integers(0, 2**128 - 1))))
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": draw(st.sampled_from(["taskapp.record", "packit.tasks.process_message"])),
+        "id": task_id,
+        "shadow": None,
+        "eta": draw(st.none() | WHEN),
+        "expires": draw(st.none() | WHEN),
+        "group": None,
+        "group_index": None,
+        "retries": draw(st.integers(0, 14)),
+        "timelimit": [None, draw(st.none() | st.integers(1, 3600))],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": draw(st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)),
+        "kwargsrepr": "{}",
+        "origin": "gen1@packit",
+        "ignore_result": draw(st.booleans()),
+    }
+    headers.update(
+        draw(st.dictionaries(st.sampled_from(["custom", "x-extra", "stamps"]), JSON_VALUES))
+    )
+    content = draw(
+        st.sampled_from(
+            [("application/json", "utf-8"), ("application/x-python-serialize", "binary")]
+        )
+    )
+    return {
+        "body": draw(st.binary(max_size=300)),
+        "headers": headers,
+        "content_type": content[0],
+        "content_encoding": content[1],
+        "priority": draw(st.integers(0, 9)),
+        "correlation_id": task_id,
+        "reply_to": draw(st.none() | st.text("abcdef0123456789-", min_size=1, max_size=36)),
+    }
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(messages=st.lists(celery_message(), min_size=1, max_size=6))
+def test_round_trip_redis_rabbitmq_redis_rabbitmq_is_byte_exact(
+    stack: Stack, redis_url: str, messages: list[dict[str, Any]]
+) -> None:
+    queue = f"roundtrip-{uuid.uuid4().hex[:8]}"
+    settings_ = QueueSettings(names=(queue,), max_priority=MAX_PRIORITY)
+    layout = KombuLayout()
+    broker = broker_from_env(stack.broker_env())
+    client = redis.Redis.from_url(redis_url)
+    with Connection(redis_url) as conn:  # the real producer writes the original envelopes
+        producer = Producer(conn.default_channel)
+        for m in messages:
+            fields = {k: v for k, v in m.items() if k != "body"}
+            producer.publish(m["body"], exchange="", routing_key=queue, **fields)
+    original = {key: client.lrange(key, 0, -1) for key in layout.bucket_keys(queue).values()}
+
+    def forward() -> None:
+        source = RedisSource.from_url(redis_url, layout)
+        options = MigrateOptions(queues=(queue,), force=True, include_unacked=False)
+        report = Migration(source, broker, settings_, options).run(
+            make_plan(source, settings_, options)
+        )
+        assert report.total == len(messages) and report.complete and not report.quarantine
+
+    def back() -> None:
+        store = RedisSource.from_url(redis_url, layout)
+        with Rollback(broker, store, settings_, RollbackOptions(queues=(queue,))) as rollback:
+            report = rollback.run(rollback.plan())
+        assert report.total == len(messages) and report.complete and not report.quarantine
+
+    forward()
+    assert queue_depth(stack, queue) == len(messages)
+    back()
+    assert queue_depth(stack, queue) == 0
+    rolled = {key: client.lrange(key, 0, -1) for key in layout.bucket_keys(queue).values()}
+    # Redis again: each message in its bucket, the bucket's order kept, every field as the
+    # producer wrote it but the transport's own (a fresh delivery_tag; priority = the bucket).
+    for key, entries in original.items():
+        assert len(rolled[key]) == len(entries), key
+        for was_raw, now_raw in zip(entries, rolled[key], strict=True):
+            was, now = json.loads(was_raw), json.loads(now_raw)
+            assert base64.b64decode(now["body"]) == base64.b64decode(was["body"])
+            assert now["headers"] == was["headers"]
+            assert (now["content-type"], now["content-encoding"]) == (
+                was["content-type"],
+                was["content-encoding"],
+            )
+            for prop in ("correlation_id", "reply_to", "delivery_mode", "delivery_info"):
+                assert now["properties"].get(prop) == was["properties"].get(prop), prop
+            assert layout.bucket_of(now["properties"]["priority"]) == layout.bucket_of(
+                was["properties"]["priority"]
+            )
+            assert now["properties"]["body_encoding"] == "base64"
+    forward()
+    final = drain_exact(stack, queue)
+    expected = [
+        to_amqp(from_redis(raw, layout), queue=queue, max_priority=MAX_PRIORITY)
+        for step in layout.reachable_steps()
+        for raw in reversed(original[layout.queue_key(queue, step)])
+    ]
+    assert len(final) == len(expected)
+    by_id = {m.headers["id"]: m for m in expected}
+    for got in final:
+        want = by_id[got.properties["application_headers"]["id"]]
+        assert body_of(got) == want.body
+        assert got.properties["application_headers"] == want.headers
+        for prop, value in want.properties.items():
+            if prop != "application_headers":
+                assert got.properties.get(prop) == value, prop
+    assert [m.properties["application_headers"]["id"] for m in final] == [
+        m.task_id for m in expected
+    ], "priority order or FIFO within a priority changed"
+
+
+# -- a real worker on Redis runs what was rolled back -------------------------------------------
+
+
+def test_redis_worker_runs_rolled_back_tasks_in_priority_order(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    env = {**client_env, "PACKIT_BROKER_MAX_PRIORITY": str(MAX_PRIORITY)}
+    short, long_, _ = queue_names
+    app = backlog.producer(redis_url, queue_names)
+    for i, prio in enumerate([9, 0, 6, 3, 0, 9, 3, 6]):
+        backlog.send(app, short, f"p{prio}-{i}", priority=prio)
+    countdown = backlog.send(app, long_, "countdown", countdown=2, expires=3600)
+    forward = run_migrate(env, "--from", redis_url)
+    assert forward.returncode == 0, forward.stderr
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()  # the producer's bindings too: the rollback has to write them
+    assert queue_depth(stack, short) == 8
+
+    back_env = rollback_env(client_env, redis_url)
+    report_file = tmp_path / "rollback.json"
+    dry = run_migrate(back_env, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert {q["name"]: q["messages"] for q in plan["queues"]}[short] == 8
+    assert client.dbsize() == 0 and queue_depth(stack, short) == 8  # the dry run touched nothing
+    done = run_migrate(back_env, "--report", str(report_file))
+    assert done.returncode == 0, done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert stack.broker_account.password not in output and stack.redis_password not in output
+    report = json.loads(report_file.read_text())
+    assert report["direction"] == "rollback"
+    assert report["migrated"][short] == 8 and report["migrated"][long_] == 1
+    assert report["complete"] and not report["possible_duplicates"]
+    assert queue_depth(stack, short) == 0 and queue_depth(stack, long_) == 0
+
+    # The bindings are what a Redis worker declaring the queue writes itself (kombu).
+    written = {k: client.smembers(k) for k in client.keys("_kombu.binding*")}
+    scratch = redis_url.rsplit("/", 1)[0] + "/0"
+    scratch_client = redis.Redis.from_url(scratch)
+    with Connection(scratch) as conn:
+        for name in queue_names:
+            QueueSettings(names=queue_names).spec(name).kombu_queue()(
+                conn.default_channel
+            ).declare()
+    kombu_written = {
+        k: scratch_client.smembers(k)
+        for k in scratch_client.keys("_kombu.binding*")
+        if any(name.encode() in k for name in queue_names)
+    }
+    for name in queue_names:
+        scratch_client.delete(f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+    assert written == kombu_written
+
+    log = tmp_path / "ran.tsv"
+    with redis_worker(redis_url, [short, long_], log, tmp_path / "worker.log"):
+        rows = lines(log, 9)
+    labels = [r[0] for r in rows]
+    assert len(labels) == len(set(labels)) == 9, labels
+    assert [label for label in labels if label.startswith("p")] == [
+        "p0-1", "p0-4", "p3-3", "p3-6", "p6-2", "p6-7", "p9-0", "p9-5",
+    ]  # fmt: skip
+    (ran_countdown,) = [r for r in rows if r[0] == "countdown"]
+    assert ran_countdown[1] == countdown and ran_countdown[2] == long_
+
+
+# -- crash safety ---------------------------------------------------------------------------------
+
+
+def wait_for_progress(proc: subprocess.Popen[str], at_least: int) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event.get("event") == "progress" and event["moved"] >= at_least:
+            return
+    pytest.fail(f"rollback ended early: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def test_sigkill_mid_rollback_loses_nothing_and_lists_every_duplicate(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    batch, per_queue = 200, 3000
+    settings_ = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY)
+    expected: set[str] = set()
+    for name in queue_names:
+        messages = celery_messages(redis_url, settings_.spec(name), per_queue)
+        publish(stack, settings_.spec(name), messages)
+        expected.update(m.task_id or "" for m in messages)
+    env = rollback_env(client_env, redis_url)
+    kills = [300, 2500, 5200]  # early, mid-queue, in the second half
+    for at_least in kills:
+        proc = start_rollback(env, "--batch-size", str(batch))
+        wait_for_progress(proc, at_least)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 30  # RabbitMQ notices the closed connection
+        while any(consumers(stack, q) for q in queue_names):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert 0 < sum(queue_depth(stack, q) for q in queue_names) < len(expected)
+    report_file = tmp_path / "final.json"
+    final = run_migrate(env, "--batch-size", str(batch), "--report", str(report_file))
+    assert final.returncode == 0, final.stdout + final.stderr
+    report = json.loads(report_file.read_text())
+    assert report["taken_over_from"]  # the last killed run's lock
+    client = redis.Redis.from_url(redis_url)
+    delivered = collections.Counter(
+        task_id for q in queue_names for task_id in ids_in_redis(client, KombuLayout(), q)
+    )
+    assert set(delivered) == expected, "lost or invented messages"
+    assert all(queue_depth(stack, q) == 0 for q in queue_names)
+    duplicates = {task_id for task_id, n in delivered.items() if n > 1}
+    assert duplicates <= set(report["possible_duplicates"]), "an unreported duplicate"
+    assert len(duplicates) <= batch * len(kills)
+    assert all(n <= 2 for n in delivered.values())
+    assert not client.exists("packit_broker.inflight")
+    assert client.llen("packit_broker.possible_duplicates") == 0  # listed in the report now
+
+
+# -- refusals, quarantine -------------------------------------------------------------------------
+
+
+def test_live_consumer_refuses_and_force_moves_what_it_does_not_hold(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+) -> None:
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    messages = celery_messages(redis_url, spec, 5)
+    publish(stack, spec, messages)
+    env = rollback_env(client_env, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    with stack.amqp_connection() as conn:  # a worker still on RabbitMQ: holds one delivery
+        channel = conn.channel()
+        channel.basic_qos(0, 1, False)
+        channel.basic_consume(short, callback=lambda message: None)
+        refused = run_migrate(env)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert "[rabbitmq]" in refused.stderr and short in refused.stderr
+        assert "--force" in refused.stderr
+        assert client.dbsize() == 0  # not even the lock or a binding
+        forced = run_migrate(env, "--force", "--queue", short, "--json")
+        assert forced.returncode == 0, forced.stdout + forced.stderr
+        assert len(ids_in_redis(client, KombuLayout(), short)) == 4
+    # The consumer's connection closed: its delivery is back in RabbitMQ; nothing lost.
+    (left,) = drain_exact(stack, short)
+    moved = set(ids_in_redis(client, KombuLayout(), short))
+    assert moved | {left.properties["application_headers"]["id"]} == {m.task_id for m in messages}
+
+    missing = run_migrate(env, "--queue", short + "-nope")
+    assert missing.returncode == 3 and short + "-nope" in missing.stderr
+    skipped = run_migrate(env, "--json")  # configured queues that do not exist: named, skipped
+    assert skipped.returncode == 0, skipped.stderr
+    done = json.loads(skipped.stdout.splitlines()[-1])
+    assert {s["name"] for s in done["skipped"]} == set(queue_names[1:])
+
+
+def test_malformed_message_stays_in_rabbitmq_byte_exact_and_is_reported(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    good = celery_messages(redis_url, spec, 3)
+    not_celery = AmqpMessage(
+        body=b"\x00\xffnot a task",
+        properties={"application_headers": {"who": "someone else"}, "priority": 3},
+        exchange="",
+        routing_key=short,
+    )
+    stamp = datetime(2026, 1, 2, 3, 4, 5)  # an AMQP timestamp header: JSON cannot carry it
+    no_json = AmqpMessage(
+        body=b'{"a": 1}',
+        properties={"application_headers": {"task": "t", "id": "ts-1", "at": stamp}},
+        exchange="",
+        routing_key=short,
+    )
+    publish(stack, spec, [good[0], not_celery, good[1], no_json, good[2]])
+    env = rollback_env(client_env, redis_url)
+    report_file = tmp_path / "report.json"
+    for attempt in range(2):  # a rerun finds them again, reports them again, does not loop
+        started = time.monotonic()
+        done = run_migrate(env, "--queue", short, "--report", str(report_file), timeout=60)
+        assert done.returncode == 4, done.stdout + done.stderr
+        assert time.monotonic() - started < 30
+        report = json.loads(report_file.read_text())
+        assert report["migrated"] == {short: 3 if attempt == 0 else 0}
+        assert report["quarantined"] == 2 and report["complete"]
+        reasons = " ".join(q["reason"] for q in report["quarantine"])
+        assert "not a Celery protocol 2 task" in reasons and "JSON" in reasons
+        kept = {base64.b64decode(h["body_base64"]) for h in report["left_in_rabbitmq"]}
+        assert kept == {not_celery.body, no_json.body}
+    client = redis.Redis.from_url(redis_url)
+    assert sorted(ids_in_redis(client, KombuLayout(), short)) == sorted(
+        m.task_id or "" for m in good
+    )
+    left = drain_exact(stack, short)
+    assert sorted(body_of(m) for m in left) == sorted([not_celery.body, no_json.body])
+    by_body = {body_of(m): m for m in left}
+    assert by_body[not_celery.body].properties["application_headers"] == {"who": "someone else"}
+    assert by_body[no_json.body].properties["application_headers"]["at"] == stamp
