@@ -153,7 +153,8 @@ class _Progress:
     "--queue",
     "queues",
     multiple=True,
-    help="Only this queue (repeatable). Default: configured + found in Redis.",
+    help="Only this queue (repeatable). Default: configured + found in Redis (rollback: the"
+    " configured ones that exist in RabbitMQ).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing anywhere.")
 @click.option(
@@ -247,6 +248,14 @@ def migrate(
     Redis (named), 3 refused (Redis still consumed, another layout, another migrator running),
     2 usage, 1 failed. With --follow: 0 after SIGTERM/SIGINT or --until-idle (the report
     names what is still pending and every possible duplicate).
+
+    Rollback (RabbitMQ -> Redis): PACKIT_MIGRATE_FROM=amqps://... PACKIT_MIGRATE_TO=redis://...
+    Each batch is written to Redis (with the in-flight journal, in one transaction), then
+    acknowledged in RabbitMQ; undecodable messages stay in RabbitMQ (exit 4); 3 refused also
+    when another client consumes a selected RabbitMQ queue (--force overrides, --follow
+    pauses) or a --queue does not exist; 5 when something of the selected queues is still in
+    RabbitMQ. --include-unacked, --max-message-size, --blocked-timeout and --nack-retry-seconds
+    are for the forward direction only.
     """
     if (until_idle is not None or metrics_port is not None) and not follow:
         raise click.UsageError("--until-idle and --metrics-port need --follow")
@@ -396,9 +405,12 @@ def _rollback(
     try:
         broker = broker_from_env(env)
         queue_settings = queues_from_env(env)
+    except ConfigError as exc:
+        raise click.UsageError(f"--from (the RabbitMQ side of a rollback): {exc}") from None
+    try:
         target = redis_from_url(to_url, MIGRATE_TO_VARIABLE)
     except ConfigError as exc:
-        raise click.UsageError(f"{exc} (--from is the RabbitMQ side of a rollback)") from None
+        raise click.UsageError(f"--to: {exc}") from None
     if report_file is not None and not dry_run:
         _check_report_path(report_file)
     store = RedisSource.from_url(to_url, layout)
