@@ -39,6 +39,7 @@ from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process
 from tests.integration import backlog
 from tests.integration.test_migrate import queue_depth, run_migrate
+from tests.integration.test_migrate_follow import wait_for_notice
 from tests.integration.workers import REPO
 
 pytestmark = pytest.mark.integration
@@ -88,9 +89,11 @@ def consumers(stack: Stack, queue: str) -> int:
         return int(conn.channel().queue_declare(queue, passive=True).consumer_count)
 
 
-def publish(stack: Stack, spec: QueueSpec, messages: list[AmqpMessage]) -> None:
+def publish(
+    stack: Stack, spec: QueueSpec, messages: list[AmqpMessage], *, wait: bool = True
+) -> None:
     """Publish straight to RabbitMQ (as a producer after the cut-over would) and wait until
-    the queue holds them all."""
+    the queue holds them all (unless it is being consumed)."""
     with stack.amqp_connection() as conn:
         channel = conn.channel()
         spec.declare(channel)
@@ -99,6 +102,8 @@ def publish(stack: Stack, spec: QueueSpec, messages: list[AmqpMessage]) -> None:
             channel.basic_publish(
                 amqp.Message(m.body, **m.properties), exchange=m.exchange, routing_key=m.routing_key
             )
+    if not wait:
+        return
     deadline = time.monotonic() + 30
     while queue_depth(stack, spec.name) < before + len(messages):
         assert time.monotonic() < deadline, "RabbitMQ did not take the messages"
@@ -444,6 +449,51 @@ def test_sigkill_mid_rollback_loses_nothing_and_lists_every_duplicate(
     assert all(n <= 2 for n in delivered.values())
     assert not client.exists("packit_broker.inflight")
     assert client.llen("packit_broker.possible_duplicates") == 0  # listed in the report now
+
+
+# -- --follow ------------------------------------------------------------------------------------
+
+
+def test_follow_pauses_while_rabbitmq_is_consumed_then_moves_until_idle(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    first, later = celery_messages(redis_url, spec, 3), celery_messages(redis_url, spec, 2)
+    publish(stack, spec, first)
+    client = redis.Redis.from_url(redis_url)
+    report_file = tmp_path / "report.json"
+    env = rollback_env(client_env, redis_url)
+    worker = stack.amqp_connection()  # a worker still on RabbitMQ, holding one delivery
+    channel = worker.__enter__().channel()
+    channel.basic_qos(0, 1, False)
+    channel.basic_consume(short, callback=lambda message: None)
+    proc = start_rollback(
+        env, "--follow", "--until-idle", "3", "--queue", short, "--report", str(report_file)
+    )
+    try:
+        notice = wait_for_notice(proc, "PAUSED")
+        assert short in notice and "stop it" in notice
+        time.sleep(1)
+        assert ids_in_redis(client, KombuLayout(), short) == []  # nothing moves while paused
+        worker.__exit__(None, None, None)  # the worker stops: its delivery is requeued
+        wait_for_notice(proc, "resumed")
+        publish(stack, spec, later, wait=False)  # a producer still on RabbitMQ
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    report = json.loads(report_file.read_text())
+    assert report["migrated"] == {short: 5} and report["complete"]
+    assert sorted(ids_in_redis(client, KombuLayout(), short)) == sorted(
+        m.task_id or "" for m in first + later
+    )
+    assert queue_depth(stack, short) == 0
 
 
 # -- refusals, quarantine -------------------------------------------------------------------------
