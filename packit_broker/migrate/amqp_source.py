@@ -1,8 +1,12 @@
 """I/O: consuming RabbitMQ queues with manual acks, acknowledging only what the sink accepted.
 
-One channel and consumer per queue (lane), prefetch = the driver's window, deliveries read
-into a buffer by `read()`. `commit()` acknowledges exactly the committed deliveries (one
-multiple-ack when they are the channel's oldest unacknowledged ones and none is held back),
+One channel and consumer per queue (lane), deliveries read into a buffer by `read()`. The
+prefetch is the driver's window (what is written to Redis and not yet acknowledged: the most
+a crash can duplicate) plus as much read-ahead, so RabbitMQ keeps sending while a batch is
+written and acknowledged (measured here: 6,895 vs 5,952 msg/s, medians of 3 alternating
+rounds of 20,000, against a prefetch of one window).
+`commit()` acknowledges exactly the committed deliveries (one multiple-ack when they are the
+channel's oldest unacknowledged ones and none is held back),
 then waits for a synchronous reply on the same channel, so RabbitMQ has processed the acks
 before the journal forgets the batch. Deliveries the driver quarantined are never
 acknowledged: they stay unacknowledged on our channel (RabbitMQ requeues them, byte-exact,
@@ -118,6 +122,7 @@ class AmqpSource:
         layout: KombuLayout,
         *,
         window: int,
+        read_ahead: int | None = None,
         mark: Callable[[str, Sequence[str]], None],
         committed: Callable[[bool], None],
         connect_timeout: float = 10,
@@ -125,6 +130,10 @@ class AmqpSource:
         self.endpoint = endpoint
         self.layout = layout
         self.window = window
+        #: prefetch per consumer: the driver's window (what is sent and not yet acknowledged,
+        #: the most a crash can duplicate) plus deliveries buffered for the next read, so
+        #: RabbitMQ keeps sending while a batch is written and acknowledged.
+        self.prefetch = window + (window if read_ahead is None else read_ahead)
         self._mark = mark
         self._committed = committed
         self.connection = open_connection(endpoint, connect_timeout=connect_timeout)
@@ -198,7 +207,7 @@ class AmqpSource:
     def _consume(self, lane: _Consuming) -> None:
         """One more consumer with a window of its own: held deliveries count against the
         prefetch of the consumer they came to, so capacity is added as they accumulate."""
-        lane.channel.basic_qos(0, self.window, False)
+        lane.channel.basic_qos(0, self.prefetch, False)
 
         def on_message(message: Any) -> None:
             delivery = Delivery.of(message)
@@ -209,7 +218,7 @@ class AmqpSource:
         lane.tags.append(lane.channel.basic_consume(lane.queue, tag, callback=on_message))
 
     def _capacity(self, lane: _Consuming) -> int:
-        return len(lane.tags) * self.window - len(lane.unacked)
+        return len(lane.tags) * self.prefetch - len(lane.unacked)
 
     def _drain(self, timeout: float) -> bool:
         try:
@@ -287,7 +296,7 @@ class AmqpSource:
         more consumer (with a window of its own) keeps the driver's batches full."""
         lane.held += 1
         self.held.append(HeldMessage(lane.queue, delivery))
-        if len(lane.tags) * self.window - lane.held < self.window:
+        if len(lane.tags) * self.prefetch - lane.held < self.window:
             self._consume(lane)
 
 

@@ -671,3 +671,31 @@ def test_batch_and_its_journal_entry_are_one_transaction(redis_url: str) -> None
     assert [json.loads(r)["headers"]["id"] for r in bucket0] == ["j0", "j1", "j3"]
     journal.committed(keep=False)
     assert not client.exists(store.own(INFLIGHT))
+
+
+def test_held_messages_beyond_the_window_do_not_stall_the_queue(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """Held (never acknowledged) deliveries count against the prefetch: three times the
+    window of them, interleaved with good ones, and every good one still moves."""
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    good = celery_messages(redis_url, spec, 12)
+    bad = [
+        AmqpMessage(body=f"bad {i}".encode(), properties={}, exchange="", routing_key=short)
+        for i in range(12)
+    ]
+    publish(stack, spec, [m for pair in zip(bad, good, strict=True) for m in pair])
+    report_file = tmp_path / "report.json"
+    env = rollback_env(client_env, redis_url)
+    done = run_migrate(env, "--queue", short, "--batch-size", "4", "--report", str(report_file))
+    assert done.returncode == 4, done.stdout + done.stderr
+    report = json.loads(report_file.read_text())
+    assert report["migrated"] == {short: 12} and report["quarantined"] == 12
+    client = redis.Redis.from_url(redis_url)
+    assert ids_in_redis(client, KombuLayout(), short) == [m.task_id for m in good][::-1]
+    assert sorted(body_of(m) for m in drain_exact(stack, short)) == sorted(m.body for m in bad)
