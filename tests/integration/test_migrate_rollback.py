@@ -32,7 +32,7 @@ from packit_broker.kombu_layout import KombuLayout
 from packit_broker.messages import TaskMessage
 from packit_broker.migrate import MigrateOptions, Migration, make_plan
 from packit_broker.migrate.redis_sink import Journal, RedisSink
-from packit_broker.migrate.redis_source import INFLIGHT, RedisSource
+from packit_broker.migrate.redis_source import INFLIGHT, RedisSource, RunLock
 from packit_broker.migrate.rollback import Rollback, RollbackOptions
 from packit_broker.queues import QueueSettings, QueueSpec
 from packit_broker.stack import Stack
@@ -699,3 +699,41 @@ def test_held_messages_beyond_the_window_do_not_stall_the_queue(
     client = redis.Redis.from_url(redis_url)
     assert ids_in_redis(client, KombuLayout(), short) == [m.task_id for m in good][::-1]
     assert sorted(body_of(m) for m in drain_exact(stack, short)) == sorted(m.body for m in bad)
+
+
+def test_errors_name_the_side_and_leave_everything_in_rabbitmq(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+) -> None:
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    publish(stack, spec, celery_messages(redis_url, spec, 2))
+    env = rollback_env(client_env, redis_url)
+    password = stack.broker_account.password
+    wrong_amqp = {
+        **env,
+        "PACKIT_MIGRATE_FROM": env["PACKIT_MIGRATE_FROM"].replace(password, "nope-nope"),
+    }
+    denied = run_migrate(wrong_amqp)
+    assert denied.returncode == 1, denied.stderr
+    assert "[amqp-login] RabbitMQ" in denied.stderr and "nope-nope" not in denied.stderr
+    assert "still in RabbitMQ" in denied.stderr
+    wrong_redis = redis_url.replace(redis_url.split("@")[0], "redis://:wrong-password")
+    failed = run_migrate({**env, "PACKIT_MIGRATE_TO": wrong_redis})
+    assert failed.returncode == 1, failed.stderr
+    assert "[redis-login] Redis" in failed.stderr and "wrong-password" not in failed.stderr
+    # A forward bridge (or another rollback) holds the run lock of this Redis: refused.
+    lock = RunLock(RedisSource.from_url(redis_url, KombuLayout()))
+    lock.acquire()
+    try:
+        locked = run_migrate(env, "--queue", short)
+    finally:
+        lock.release()
+    assert locked.returncode == 3, locked.stderr
+    assert "another migration or rollback" in locked.stderr
+    assert queue_depth(stack, short) == 2  # nothing moved, nothing lost
+    for output in (denied, failed, locked):
+        assert password not in output.stdout + output.stderr
+        assert stack.redis_password not in output.stdout + output.stderr
