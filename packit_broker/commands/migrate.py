@@ -415,10 +415,9 @@ def _rollback(
         _check_report_path(report_file)
     store = RedisSource.from_url(to_url, layout)
     stop = threading.Event()
-    progress = _Progress(0, as_json, follow=options.follow)
-    rollback = Rollback(
-        broker, store, queue_settings, options, progress, stop=stop, notify=progress.notify
-    )
+    # No bar before the plan has counted the messages (the real one is made then).
+    progress = _Progress(0, as_json, follow=True)
+    rollback = Rollback(broker, store, queue_settings, options, stop=stop)
     side, where = RABBITMQ, (broker.display_url, broker.host)
     try:
         with rollback:
@@ -428,7 +427,8 @@ def _rollback(
                 sys.exit(EXIT_REFUSED if plan.selection_refusal else EXIT_OK)
             side, where = REDIS, (target.display_url, target.host)
             store.client.ping()
-            progress.total = sum(q.ready for q in plan.queues)
+            progress = _Progress(sum(q.ready for q in plan.queues), as_json, follow=options.follow)
+            rollback.progress, rollback.notify = progress, progress.notify
             if options.follow:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(signum, lambda *_: stop.set())

@@ -38,6 +38,9 @@ from packit_broker.migrate.protocols import Lane
 
 QUIET = 0.05  # s without a delivery before RabbitMQ is asked how many are ready
 SETTLE = 0.2  # s a queue reported empty must stay quiet (deliveries still on the wire)
+#: s with messages ready but none delivered to us (a single-active-consumer queue consumed by
+#: another client under --force): the lane ends, what is left is reported, never a hang
+STALL = 10.0
 CONSUMER_TAG = "packit-broker-rollback"
 
 
@@ -241,11 +244,17 @@ class AmqpSource:
         """The next `count` deliveries beyond those handed out (`skip` of them), oldest first;
         fewer when the queue ran empty. Nothing is acknowledged."""
         consuming = self._lane(lane.key)
+        waiting = len(consuming.buffer)
+        since = time.monotonic()
         while len(consuming.buffer) < count and self._capacity(consuming) > 0:
             if self._drain(QUIET):
+                if len(consuming.buffer) > waiting:
+                    waiting, since = len(consuming.buffer), time.monotonic()
                 continue
             self._sync(consuming)
             if consuming.ready == 0 and not self._drain(SETTLE):
+                break
+            if time.monotonic() - since > STALL:
                 break
         taken = min(count, len(consuming.buffer))
         return [consuming.buffer.popleft() for _ in range(taken)]
