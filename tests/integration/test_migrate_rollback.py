@@ -737,3 +737,25 @@ def test_errors_name_the_side_and_leave_everything_in_rabbitmq(
     for output in (denied, failed, locked):
         assert password not in output.stdout + output.stderr
         assert stack.redis_password not in output.stdout + output.stderr
+
+
+def test_quorum_queues_roll_back(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+) -> None:
+    """Quorum queues (per-consumer prefetch only, no priorities): all back, FIFO kept."""
+    env = {**client_env, "PACKIT_BROKER_QUEUE_TYPE": "quorum"}
+    app = backlog.producer(redis_url, queue_names)
+    ids = [backlog.send(app, queue_names[1], f"q{i}") for i in range(5)]
+    forward = run_migrate(env, "--from", redis_url)
+    assert forward.returncode == 0, forward.stderr
+    back_env = rollback_env(env, redis_url)
+    del back_env["PACKIT_BROKER_MAX_PRIORITY"]
+    done = run_migrate(back_env, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["migrated"][queue_names[1]] == 5
+    client = redis.Redis.from_url(redis_url)
+    assert ids_in_redis(client, KombuLayout(), queue_names[1]) == ids[::-1]
+    assert queue_depth(stack, queue_names[1]) == 0
