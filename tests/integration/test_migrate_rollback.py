@@ -496,6 +496,36 @@ def test_follow_pauses_while_rabbitmq_is_consumed_then_moves_until_idle(
     assert queue_depth(stack, short) == 0
 
 
+def test_sigterm_stops_a_following_rollback_cleanly(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM: the batch in flight is finished (written and acknowledged), the report names
+    what is left, exit 0; RabbitMQ and Redis together hold every message exactly once."""
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    messages = celery_messages(redis_url, spec, 3000)
+    publish(stack, spec, messages)
+    report_file = tmp_path / "report.json"
+    env = rollback_env(client_env, redis_url)
+    proc = start_rollback(
+        env, "--follow", "--queue", short, "--batch-size", "20", "--report", str(report_file)
+    )
+    wait_for_progress(proc, 100)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    report = json.loads(report_file.read_text())
+    moved = ids_in_redis(redis.Redis.from_url(redis_url), KombuLayout(), short)
+    assert report["migrated"][short] == len(moved) < len(messages)
+    left = [m.properties["application_headers"]["id"] for m in drain_exact(stack, short)]
+    assert report["remaining"] == {short: len(left)}
+    assert sorted(moved + left) == sorted(m.task_id or "" for m in messages)
+
+
 # -- refusals, quarantine -------------------------------------------------------------------------
 
 
