@@ -29,6 +29,8 @@ from packit_broker.migrate.report import Report, skipped_list
 from packit_broker.migrate.run import Refused
 from packit_broker.queues import QueueSettings, QueueSpec
 
+SWEEPS = 3  # passes over lanes that still hold something at the end of a one-shot run
+
 
 @dataclass(frozen=True)
 class RollbackOptions:
@@ -201,14 +203,25 @@ class Rollback:
             self.report.migrated.setdefault(queue.spec.name, 0)
         lanes = [Lane(q.spec.name, q.spec) for q in plan.queues]
         if not self.options.follow or self.options.force or self._no_consumers(lanes):
-            for lane in lanes:
-                driver.move(lane)
+            self._sweep(driver, lanes)
             if self.options.follow:
                 self._follow(driver, lanes)
         self.report.remaining = {
             lane.key: left for lane in lanes if (left := self.source.leftover(lane.key))
         }
         self.report.left_in_rabbitmq = [held.as_dict() for held in self.source.held]
+
+    def _sweep(self, driver: Driver[RedisEntry], lanes: list[Lane]) -> None:
+        """Move every lane; then again the lanes that still hold something (a delivery that
+        reached us after its queue looked empty: a loaded broker or network can be slower than
+        the settle time), a few passes at most (a one-shot run does not chase producers)."""
+        todo = lanes
+        for _ in range(SWEEPS):
+            if not todo or self.stop.is_set():
+                return
+            if not sum(driver.move(lane) for lane in todo):
+                return
+            todo = [lane for lane in todo if self.source.leftover(lane.key)]
 
     def _follow(self, driver: Driver[RedisEntry], lanes: list[Lane]) -> None:
         """Round after round until stopped or idle; pause (loudly) while another client
