@@ -8,10 +8,14 @@ to tell a memory alarm from a disk alarm (and both from a network fault).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import amqp
 from amqp import spec
+
+from packit_broker.config import BrokerEndpoint
+from packit_broker.tls import amqp_ssl_options
 
 
 class BlockAwareConnection(amqp.Connection):  # type: ignore[misc]
@@ -24,3 +28,26 @@ class BlockAwareConnection(amqp.Connection):  # type: ignore[misc]
         if self.on_blocked:
             return self.on_blocked(reason)
         return None
+
+
+def open_connection(
+    endpoint: BrokerEndpoint,
+    *,
+    connect_timeout: float = 10,
+    on_blocked: Callable[[str], None] | None = None,
+    on_unblocked: Callable[[], None] | None = None,
+) -> BlockAwareConnection:
+    """The one way the migrator dials RabbitMQ (publisher or consumer): the dial address (a
+    `--connect-to` override), the verified TLS dict with `server_hostname` (SNI + host-name
+    check, see packit_broker.tls), the heartbeat. Not connected yet: call `.connect()`."""
+    return BlockAwareConnection(
+        str(endpoint.dial),
+        userid=endpoint.username,
+        password=endpoint.password,
+        virtual_host=endpoint.vhost,
+        ssl=amqp_ssl_options(endpoint.tls) if endpoint.tls else False,
+        heartbeat=endpoint.heartbeat,
+        connect_timeout=connect_timeout,
+        on_blocked=on_blocked,
+        on_unblocked=on_unblocked,
+    )

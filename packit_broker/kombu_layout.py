@@ -22,6 +22,9 @@ DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
 MIN_PRIORITY, MAX_PRIORITY = 0, 9  # kombu's virtual Channel clamps message priorities to 0..9
 QUEUE_ORDER_STRATEGIES = ("round_robin", "sorted", "priority")
 BINDING_PREFIX = "_kombu.binding."
+#: kombu 5.7 also records each binding of a queue without x-expires here (its sweep of expired
+#: binding tables keeps a table while this set has members); older kombu ignores it.
+PERMANENT_BINDING_PREFIX = "_kombu.binding_permanent."
 
 #: Options of kombu's Redis channel and connection that do not change where messages are kept:
 #: accepted (an app's whole `broker_transport_options` can be passed) and ignored.
@@ -172,6 +175,14 @@ class KombuLayout:
 
     def binding_key(self, exchange: str) -> str:
         return self.key(BINDING_PREFIX + exchange)
+
+    def permanent_binding_key(self, exchange: str) -> str:
+        return self.key(PERMANENT_BINDING_PREFIX + exchange)
+
+    def binding_member(self, routing_key: str, queue: str, pattern: str = "") -> str:
+        """kombu's `_queue_bind` member `routing_key SEP pattern SEP queue` (a direct
+        exchange's pattern is empty); `split_binding` reads it back."""
+        return self.sep.join([routing_key, pattern, queue])
 
     @property
     def list_pattern(self) -> str:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import amqp
 import click
@@ -18,6 +18,7 @@ import redis
 
 from packit_broker.config import (
     MIGRATE_FROM_VARIABLE,
+    MIGRATE_TO_VARIABLE,
     ConfigError,
     broker_from_env,
     queues_from_env,
@@ -28,6 +29,7 @@ from packit_broker.kombu_layout import KombuLayout, LayoutError
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Report, make_plan
 from packit_broker.migrate.metrics import FollowMetrics
 from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
+from packit_broker.migrate.rollback import Rollback, RollbackOptions, RollbackPlan
 from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
 from packit_broker.recovery import RECONNECT_WINDOW
 
@@ -37,6 +39,8 @@ CONNECTION_ERRORS = (OSError, EOFError, amqp.exceptions.AMQPError, redis.RedisEr
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_QUARANTINED, EXIT_INCOMPLETE = 0, 1, 2, 3, 4, 5
 TRANSPORT_OPTIONS_VARIABLE = "PACKIT_MIGRATE_TRANSPORT_OPTIONS"
+AMQP_SCHEMES = ("amqp", "amqps")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 FLAG_VARIABLES = {
     "to": "PACKIT_BROKER_URL",
@@ -132,13 +136,15 @@ class _Progress:
     "source_url",
     required=True,
     envvar=MIGRATE_FROM_VARIABLE,
-    metavar="redis://[:PASSWORD@]HOST:PORT/DB",
-    help="The Redis broker to drain (default: PACKIT_MIGRATE_FROM, keeps it out of argv).",
+    metavar="redis://[:PASSWORD@]HOST:PORT/DB | amqps://...",
+    help="The broker to drain (default: PACKIT_MIGRATE_FROM, keeps it out of argv). An"
+    " amqps:// URL rolls back: RabbitMQ -> the Redis named by --to.",
 )
 @click.option(
     "--to",
-    metavar="amqps://USER:PASSWORD@HOST:PORT/VHOST",
-    help="Destination broker (default: PACKIT_BROKER_URL).",
+    metavar="amqps://USER:PASSWORD@HOST:PORT/VHOST | redis://...",
+    help=f"Destination (default: {MIGRATE_TO_VARIABLE}, else PACKIT_BROKER_URL); a redis:// URL"
+    " for a rollback.",
 )
 @click.option("--ca-file", type=click.Path(dir_okay=False), help="PACKIT_BROKER_CA_FILE")
 @click.option("--cert-file", type=click.Path(dir_okay=False), help="PACKIT_BROKER_CERT_FILE")
@@ -148,7 +154,8 @@ class _Progress:
     "--queue",
     "queues",
     multiple=True,
-    help="Only this queue (repeatable). Default: configured + found in Redis.",
+    help="Only this queue (repeatable). Default: configured + found in Redis (rollback: the"
+    " configured ones that exist in RabbitMQ).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing anywhere.")
 @click.option(
@@ -252,10 +259,44 @@ def migrate(
     Redis (named), 3 refused (Redis still consumed, another layout, another migrator running),
     2 usage, 1 failed. With --follow: 0 after SIGTERM/SIGINT or --until-idle (the report
     names what is still pending and every possible duplicate).
+
+    Rollback (RabbitMQ -> Redis): PACKIT_MIGRATE_FROM=amqps://... PACKIT_MIGRATE_TO=redis://...
+    Each batch is written to Redis (with the in-flight journal, in one transaction), then
+    acknowledged in RabbitMQ; undecodable messages stay in RabbitMQ (exit 4); 3 refused also
+    when another client consumes a selected RabbitMQ queue (--force overrides, --follow
+    pauses) or a --queue does not exist; 5 when something of the selected queues is still in
+    RabbitMQ. --include-unacked, --max-message-size, --blocked-timeout and --nack-retry-seconds
+    are for the forward direction only.
     """
     if (until_idle is not None or metrics_port is not None) and not follow:
         raise click.UsageError("--until-idle and --metrics-port need --follow")
-    env = _environment(flags)
+    to_url = flags.pop("to") or os.environ.get(MIGRATE_TO_VARIABLE) or None
+    if _scheme(source_url) in AMQP_SCHEMES:
+        if metrics_port is not None:
+            raise click.UsageError("--metrics-port is for the forward bridge, not a rollback")
+        # The AMQP side is parsed as PACKIT_BROKER_URL, with the CA/cert/connect-to flags.
+        env = _environment({**flags, "to": source_url})
+        _rollback(
+            env,
+            to_url,
+            _layout(transport_options, key_prefix),
+            RollbackOptions(
+                queues=queues,
+                batch_size=batch_size,
+                force=force,
+                follow=follow,
+                until_idle=until_idle,
+            ),
+            dry_run=dry_run,
+            report_file=report_file,
+            as_json=as_json,
+        )
+    if to_url is not None and _scheme(to_url) in REDIS_SCHEMES:
+        raise click.UsageError(
+            "--to is a Redis URL but --from is not RabbitMQ: a rollback goes --from amqps://..."
+            " --to redis://..."
+        )
+    env = _environment({**flags, "to": to_url})
     try:
         broker = broker_from_env(env)
         queue_settings = queues_from_env(env)
@@ -345,6 +386,118 @@ def migrate(
         progress.close()
         _fail(_diagnose_run_error(exc, broker.display_url, broker.host, redis_display))
     progress.close()
+    _finish(report, report_file, as_json)
+    # Only now that the report is out may Redis forget which tasks may exist twice.
+    source.clear_possible_duplicates(len(report.possible_duplicates))
+    sys.exit(EXIT_OK if follow and stop.is_set() else _exit_code(report))
+
+
+def _scheme(url: str) -> str:
+    """The URL's scheme, lower-cased ('' if none); never echoes the rest (a secret)."""
+    head, sep, _ = url.strip().partition("://")
+    return head.lower() if sep else ""
+
+
+def _rollback(
+    env: dict[str, str],
+    to_url: str | None,
+    layout: KombuLayout,
+    options: RollbackOptions,
+    *,
+    dry_run: bool,
+    report_file: Path | None,
+    as_json: bool,
+) -> None:
+    """RabbitMQ -> Redis. Same exit codes as forward; never returns."""
+    if to_url is None or _scheme(to_url) not in REDIS_SCHEMES:
+        raise click.UsageError(
+            f"a rollback (--from amqps://...) needs --to redis://... (or {MIGRATE_TO_VARIABLE},"
+            " which keeps its password out of argv)"
+        )
+    try:
+        broker = broker_from_env(env)
+        queue_settings = queues_from_env(env)
+    except ConfigError as exc:
+        raise click.UsageError(f"--from (the RabbitMQ side of a rollback): {exc}") from None
+    try:
+        target = redis_from_url(to_url, MIGRATE_TO_VARIABLE)
+    except ConfigError as exc:
+        raise click.UsageError(f"--to: {exc}") from None
+    if report_file is not None and not dry_run:
+        _check_report_path(report_file)
+    store = RedisSource.from_url(to_url, layout)
+    stop = threading.Event()
+    # No bar before the plan has counted the messages (the real one is made then).
+    progress = _Progress(0, as_json, follow=True)
+    rollback = Rollback(broker, store, queue_settings, options, stop=stop)
+    side, where = RABBITMQ, (broker.display_url, broker.host)
+    try:
+        with rollback:
+            plan = rollback.plan()
+            if dry_run:
+                _show_rollback_plan(plan, as_json)
+                sys.exit(EXIT_REFUSED if plan.selection_refusal else EXIT_OK)
+            side, where = REDIS, (target.display_url, target.host)
+            store.client.ping()
+            progress = _Progress(sum(q.ready for q in plan.queues), as_json, follow=options.follow)
+            rollback.progress, rollback.notify = progress, progress.notify
+            if options.follow:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, lambda *_: stop.set())
+            side = ""
+            report = rollback.run(plan)
+    except Refused as exc:
+        progress.close()
+        fix = (
+            "nothing was changed"
+            if plan.selection_refusal
+            else "stop the Celery workers that consume these RabbitMQ queues, or pass --force"
+        )
+        click.echo(f"refused: [rabbitmq] {exc}\n  {fix}", err=True)
+        sys.exit(EXIT_REFUSED)
+    except LockHeld as exc:
+        progress.close()
+        click.echo(
+            f"refused: [redis] another migration or rollback using {target.display_url} is"
+            f" running: {exc.holder}\n  wait for it to finish (a crashed run's lock is taken"
+            " over automatically)",
+            err=True,
+        )
+        sys.exit(EXIT_REFUSED)
+    except LockLost as exc:
+        progress.close()
+        _fail(f"[redis] {exc}", kept_in="RabbitMQ")
+    except CONNECTION_ERRORS as exc:
+        progress.close()
+        if side:
+            _fail(str(classify(exc, side, *where)), kept_in="RabbitMQ")
+        _fail(
+            _diagnose_run_error(exc, broker.display_url, broker.host, target.display_url),
+            kept_in="RabbitMQ",
+        )
+    progress.close()
+    _finish(report, report_file, as_json)
+    store.clear_possible_duplicates(len(report.possible_duplicates))
+    sys.exit(EXIT_OK if options.follow and stop.is_set() else _exit_code(report))
+
+
+def _show_rollback_plan(plan: RollbackPlan, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"event": "plan", **plan.as_dict()}))
+        return
+    click.echo("Rollback plan, RabbitMQ -> Redis (nothing has been changed):")
+    for q in plan.queues:
+        click.echo(f"  {q.spec.name:<28} {q.ready:>8} messages; {q.consumers} consumer(s)")
+    for name, why in sorted(plan.skipped.items()):
+        click.echo(f"  skipped {name!r}: {why}")
+    if plan.selection_refusal:
+        click.echo(f"  refused: {plan.selection_refusal}")
+    if plan.refusal:
+        click.echo(f"  would refuse without --force: {plan.refusal}")
+
+
+def _finish(report: Report, report_file: Path | None, as_json: bool) -> None:
+    """The report: to the file (atomically), then stdout."""
     data = report.as_dict()
     if report_file is not None:
         _write_atomically(report_file, json.dumps(data, indent=2) + "\n")
@@ -352,9 +505,6 @@ def migrate(
         click.echo(json.dumps({"event": "done", **data}))
     else:
         _print_summary(data)
-    # Only now that the report is out may Redis forget which tasks may exist twice.
-    source.clear_possible_duplicates(len(report.possible_duplicates))
-    sys.exit(EXIT_OK if follow and stop.is_set() else _exit_code(report))
 
 
 def _exit_code(report: Report) -> int:
@@ -411,14 +561,19 @@ def _diagnose_run_error(exc: BaseException, broker: str, host: str, redis_displa
 
 
 def _print_summary(data: dict[str, Any]) -> None:
+    rollback = data.get("direction") == "rollback"
+    source = "RabbitMQ" if rollback else "Redis"
     for queue, count in data["migrated"].items():
         click.echo(f"  {queue:<28} {count:>8} migrated")
-    click.echo(f"  unacked entries migrated: {data['unacked_migrated']}")
+    if not rollback:
+        click.echo(f"  unacked entries migrated: {data['unacked_migrated']}")
     if data["quarantined"]:
-        click.echo(
-            f"  quarantined (kept byte-exact in Redis list packit_broker.quarantine):"
-            f" {data['quarantined']}"
+        kept = (
+            "left unacknowledged in their RabbitMQ queues, bodies in the report"
+            if rollback
+            else "kept byte-exact in Redis list packit_broker.quarantine"
         )
+        click.echo(f"  quarantined ({kept}): {data['quarantined']}")
         for entry in data["quarantine"][:20]:
             click.echo(f"    {entry['source']!r}: {entry['reason']}")
     for item in data["skipped"]:
@@ -426,7 +581,7 @@ def _print_summary(data: dict[str, Any]) -> None:
     for item in data["wrong_type"]:
         click.echo(f"  skipped key {item['key']!r}: a Redis {item['type']}, not migrated")
     for where, count in data["remaining"].items():
-        click.echo(f"  still in Redis after the run: {count} in {where!r} (rerun to move them)")
+        click.echo(f"  still in {source} after the run: {count} in {where!r} (rerun to move them)")
     if data["taken_over_from"]:
         click.echo(f"  took over the lock of a crashed run: {data['taken_over_from']}")
     if data["possible_duplicates"]:
@@ -437,9 +592,9 @@ def _print_summary(data: dict[str, Any]) -> None:
     click.echo(f"  done in {data['seconds']:.1f}s")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, kept_in: str = "Redis") -> NoReturn:
     click.echo(
-        f"error: {message}\n  nothing was lost: what was not confirmed is still in Redis;"
+        f"error: {message}\n  nothing was lost: what was not confirmed is still in {kept_in};"
         " rerun the same command to resume.",
         err=True,
     )

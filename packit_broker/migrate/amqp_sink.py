@@ -34,13 +34,12 @@ import amqp
 from amqp import spec
 
 from packit_broker import errors
-from packit_broker.amqp_client import BlockAwareConnection
+from packit_broker.amqp_client import open_connection
 from packit_broker.codecs import AmqpMessage, to_amqp
 from packit_broker.config import BrokerEndpoint
 from packit_broker.messages import TaskMessage
 from packit_broker.migrate.protocols import Rejection, Ticket
 from packit_broker.queues import QueueSpec
-from packit_broker.tls import amqp_ssl_options
 
 DEFAULT_BLOCKED_TIMEOUT = 300.0
 #: How long nacked messages are retried: a quorum queue's leader election after a node loss
@@ -100,13 +99,8 @@ class AmqpSink:
         self.confirm_timeout = confirm_timeout
         self.blocked_timeout = blocked_timeout
         self.nack_retry_seconds = nack_retry_seconds
-        self.connection = BlockAwareConnection(
-            str(endpoint.dial),
-            userid=endpoint.username,
-            password=endpoint.password,
-            virtual_host=endpoint.vhost,
-            ssl=amqp_ssl_options(endpoint.tls) if endpoint.tls else False,
-            heartbeat=endpoint.heartbeat,
+        self.connection = open_connection(
+            endpoint,
             connect_timeout=connect_timeout,
             on_blocked=self._on_blocked,
             on_unblocked=self._on_unblocked,

@@ -375,8 +375,7 @@ class RedisSource:
     # -- the in-flight marker ------------------------------------------------------------------
 
     def mark_inflight(self, source: str, task_ids: Sequence[str]) -> None:
-        payload = json.dumps({"source": source, "ids": list(task_ids), "at": time.time()})
-        self.client.set(self.own(INFLIGHT), payload)
+        self.client.set(self.own(INFLIGHT), inflight_payload(source, task_ids))
 
     def adopt_crashed_inflight(self) -> int:
         """Move a previous run's in-flight ids to the possible-duplicates list."""
@@ -569,6 +568,12 @@ class RunLock:
         """Drop the lock's connection (a holder whose connection is gone counts as dead)."""
         self.client.close()
         self.client.connection_pool.disconnect()
+
+
+def inflight_payload(source: str, task_ids: Sequence[str]) -> str:
+    """The in-flight journal's value (what `adopt_crashed_inflight` reads back), in whichever
+    direction Redis is the side that keeps the journal."""
+    return json.dumps({"source": source, "ids": list(task_ids), "at": time.time()})
 
 
 def _envelope(raw: bytes) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """A Celery app still on Redis (the deployment before the cut-over), configured by env:
 REDIS_TASKAPP_URL, REDIS_TASKAPP_QUEUES (comma-separated) and REDIS_TASKAPP_OPTIONS (JSON
-broker_transport_options)."""
+broker_transport_options); REDIS_TASKAPP_LOG, if set, gets a line per task run (label, id,
+routing key), in the order they ran."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ app.conf.update(
 )
 
 
-@app.task(name="taskapp.record")
-def record(label: str) -> str:
+@app.task(name="taskapp.record", bind=True)
+def record(self, label: str) -> str:  # type: ignore[no-untyped-def]
     """Stands for a long task: holds its message unacked while it runs."""
     time.sleep(float(os.environ.get("REDIS_TASKAPP_SLEEP", "0")))
+    if log := os.environ.get("REDIS_TASKAPP_LOG"):
+        with open(log, "a") as out:
+            routing_key = self.request.delivery_info.get("routing_key")
+            out.write(f"{label}\t{self.request.id}\t{routing_key}\n")
     return label

@@ -1,0 +1,123 @@
+"""I/O: writing task messages into kombu's Redis layout, each batch in one MULTI/EXEC.
+
+A batch is accepted by Redis as a whole or not at all, and the in-flight journal naming its
+task ids is written in the same transaction: there is no instant at which Redis holds a
+message the journal does not name. The source acknowledges the batch only after that (see
+packit_broker.migrate.amqp_source), so a crash leaves every possible duplicate listed.
+
+What is written is what kombu's Redis transport writes (`Channel._put`, `_queue_bind`): the
+envelope of packit_broker.codecs.to_redis, LPUSHed to the list of its priority bucket, and the
+queue's binding set members, all under the app's `KombuLayout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from packit_broker.codecs import to_redis
+from packit_broker.messages import MalformedMessage, TaskMessage
+from packit_broker.migrate.protocols import Rejection, Ticket
+from packit_broker.migrate.redis_source import INFLIGHT, RedisSource, inflight_payload
+from packit_broker.queues import QueueSpec
+
+
+@dataclass(frozen=True)
+class RedisEntry:
+    """One envelope and the list (priority bucket) it goes to."""
+
+    key: str
+    payload: bytes
+
+
+class Journal:
+    """The in-flight journal of a run whose destination is Redis (the same key and format as
+    the forward run's, so a crashed run of either direction is adopted by the next one).
+
+    The driver marks before each send and after each commit; a mark before a send is only
+    staged and written by the sink inside the batch's MULTI/EXEC, a mark after a commit is
+    written at once (otherwise a crash would list an already acknowledged batch too).
+    """
+
+    def __init__(self, store: RedisSource) -> None:
+        self.store = store
+        self.key = store.own(INFLIGHT)
+        self.staged: str | None = None
+        self._write_next = False
+
+    def mark(self, where: str, task_ids: Sequence[str]) -> None:
+        payload = inflight_payload(where, task_ids)
+        if self._write_next:
+            self._write_next = False
+            self.store.client.set(self.key, payload)
+        else:
+            self.staged = payload
+
+    def committed(self, *, keep: bool) -> None:
+        """The source acknowledged a batch: forget it (keep: another is still in flight and
+        the driver rewrites the journal next)."""
+        if keep:
+            self._write_next = True
+        else:
+            self.staged = None
+            self.store.client.delete(self.key)
+
+    def write_into(self, pipe: Any) -> None:
+        if self.staged is not None:
+            pipe.set(self.key, self.staged)
+            self.staged = None
+
+
+class RedisSink:
+    """The Redis sink of the migration driver (packit_broker.migrate.protocols.Sink)."""
+
+    def __init__(self, store: RedisSource, journal: Journal) -> None:
+        self.store = store
+        self.layout = store.layout
+        self.journal = journal
+
+    def prepare(self, target: QueueSpec) -> None:
+        """The queue's binding, as a Redis worker declaring `target` would have written it
+        (kombu's `_queue_bind`): a restored worker, or a producer, routes to it."""
+        member = self.layout.binding_member(target.routing_key, target.name)
+        pipe = self.store.client.pipeline(transaction=True)
+        pipe.sadd(self.layout.binding_key(target.exchange), member)
+        pipe.sadd(self.layout.permanent_binding_key(target.exchange), member)
+        pipe.execute()
+
+    def encode(self, message: TaskMessage, target: QueueSpec) -> RedisEntry:
+        """The envelope kombu would have LPUSHed and its bucket's list; MalformedMessage if
+        a header cannot be written as JSON (an AMQP timestamp, byte array or decimal)."""
+        try:
+            payload = to_redis(message, target.name)
+        except (TypeError, ValueError) as exc:
+            raise MalformedMessage(
+                f"its headers cannot be carried in kombu's JSON envelope ({exc})"
+            ) from None
+        return RedisEntry(self.layout.queue_key(target.name, message.bucket), payload)
+
+    def send(self, messages: Sequence[RedisEntry]) -> Ticket:
+        """LPUSH the batch (runs of one list in one command, oldest first so the oldest is
+        consumed first) and the staged journal, in one transaction; accepted on return."""
+        pipe = self.store.client.pipeline(transaction=True)
+        for key, run in _runs(messages):
+            pipe.lpush(key, *run)
+        self.journal.write_into(pipe)
+        pipe.execute()
+        return Ticket(len(messages), 0)
+
+    def wait(self, ticket: Ticket) -> list[Rejection]:
+        """Redis took the whole batch in `send` (or raised, taking nothing)."""
+        return []
+
+
+def _runs(messages: Sequence[RedisEntry]) -> list[tuple[str, list[bytes]]]:
+    """Consecutive entries of one list, grouped (one LPUSH each, order kept)."""
+    runs: list[tuple[str, list[bytes]]] = []
+    for entry in messages:
+        if runs and runs[-1][0] == entry.key:
+            runs[-1][1].append(entry.payload)
+        else:
+            runs.append((entry.key, [entry.payload]))
+    return runs
