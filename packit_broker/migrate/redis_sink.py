@@ -112,6 +112,58 @@ class RedisSink:
         return []
 
 
+@dataclass(frozen=True)
+class Durability:
+    """What "Redis accepted the batch" is worth, from its persistence settings: the source
+    forgets a message once Redis accepted it, so this is the rollback's only weak spot."""
+
+    appendonly: str  # "yes" | "no" | "unknown" (CONFIG may be renamed or denied by ACL)
+    appendfsync: str  # "always" | "everysec" | "no" | "unknown"
+
+    @property
+    def level(self) -> str:
+        if self.appendonly == "yes" and self.appendfsync == "always":
+            return "fsync-always"
+        if self.appendonly == "yes":
+            return f"aof-{self.appendfsync}"
+        return "memory" if self.appendonly == "no" else "unknown"
+
+    @property
+    def warning(self) -> str | None:
+        """What an operator must know before RabbitMQ forgets what Redis took; None if safe."""
+        fix = (
+            "for the rollback window run `CONFIG SET appendonly yes` and `CONFIG SET appendfsync"
+            " always` on Redis (and keep them in redis.conf)"
+        )
+        if self.level == "fsync-always":
+            return None
+        if self.level == "memory":
+            return (
+                "Redis keeps what it accepts in memory only (appendonly no): a Redis crash before"
+                f" its next snapshot loses rolled-back tasks that RabbitMQ no longer has; {fix}"
+            )
+        if self.level == "unknown":
+            return f"could not read Redis's persistence settings (CONFIG GET denied); {fix}"
+        return (
+            f"Redis syncs its append-only file {self.appendfsync!r}, not per write: a crash of"
+            f" its host can lose up to about a second of rolled-back tasks; {fix}"
+        )
+
+
+def durability(store: RedisSource) -> Durability:
+    """Read appendonly/appendfsync; "unknown" where CONFIG is not allowed."""
+    import redis
+
+    found: dict[str, str] = {}
+    for name in ("appendonly", "appendfsync"):
+        try:
+            value = store.client.config_get(name).get(name)
+        except redis.ResponseError:
+            value = None
+        found[name] = value.decode() if isinstance(value, bytes) else str(value or "unknown")
+    return Durability(found["appendonly"], found["appendfsync"])
+
+
 def _runs(messages: Sequence[RedisEntry]) -> list[tuple[str, list[bytes]]]:
     """Consecutive entries of one list, grouped (one LPUSH each, order kept)."""
     runs: list[tuple[str, list[bytes]]] = []

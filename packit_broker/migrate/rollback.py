@@ -23,7 +23,7 @@ from packit_broker.config import BrokerEndpoint
 from packit_broker.migrate.amqp_source import AmqpSource
 from packit_broker.migrate.driver import Driver, Progress
 from packit_broker.migrate.protocols import Lane
-from packit_broker.migrate.redis_sink import Journal, RedisEntry, RedisSink
+from packit_broker.migrate.redis_sink import Journal, RedisEntry, RedisSink, durability
 from packit_broker.migrate.redis_source import RedisSource, RunLock
 from packit_broker.migrate.report import Report, skipped_list
 from packit_broker.migrate.run import Refused
@@ -101,12 +101,14 @@ class RollbackReport(Report):
     (never acknowledged), the report shows their bytes so nothing depends on finding them."""
 
     left_in_rabbitmq: list[dict[str, Any]] = field(default_factory=list)
+    redis_durability: str = "unknown"  # see packit_broker.migrate.redis_sink.Durability
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "direction": "rollback",
             **super().as_dict(),
             "left_in_rabbitmq": self.left_in_rabbitmq,
+            "redis_durability": self.redis_durability,
         }
 
 
@@ -188,6 +190,10 @@ class Rollback:
         self.report.possible_duplicates = self.store.possible_duplicates()
         self.report.adopted_duplicates = len(self.report.possible_duplicates)
         self.report.skipped = dict(plan.skipped)
+        persistence = durability(self.store)
+        self.report.redis_durability = persistence.level
+        if persistence.warning:
+            self.notify(f"WARNING: {persistence.warning}")
         sink = RedisSink(self.store, self.journal)
         driver: Driver[RedisEntry] = Driver(
             self.source,

@@ -824,3 +824,41 @@ def test_a_queue_that_looked_empty_too_early_is_swept_again(
     assert sorted(ids_in_redis(redis.Redis.from_url(redis_url), KombuLayout(), short)) == sorted(
         m.task_id or "" for m in messages
     )
+
+
+# -- what "accepted by Redis" is worth ------------------------------------------------------------
+
+
+def test_rollback_says_what_redis_acceptance_is_worth(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """RabbitMQ forgets a message once Redis accepted it: without AOF that is memory only. The
+    run says so loudly (naming the CONFIG SET fix) and the report records the level; with
+    `appendfsync always` there is no warning."""
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    env = rollback_env(client_env, redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    results = {}
+    try:
+        for appendonly, appendfsync in (("no", "everysec"), ("yes", "everysec"), ("yes", "always")):
+            admin.config_set("appendonly", appendonly)
+            admin.config_set("appendfsync", appendfsync)
+            publish(stack, spec, celery_messages(redis_url, spec, 5))
+            report_file = tmp_path / f"report-{appendonly}-{appendfsync}.json"
+            done = run_migrate(env, "--queue", short, "--report", str(report_file))
+            assert done.returncode == 0, done.stderr
+            level = json.loads(report_file.read_text())["redis_durability"]
+            results[level] = done.stderr
+    finally:
+        admin.config_set("appendonly", "no")
+        admin.config_set("appendfsync", "everysec")
+    assert set(results) == {"memory", "aof-everysec", "fsync-always"}
+    assert "in memory only (appendonly no)" in results["memory"]
+    assert "CONFIG SET appendfsync always" in results["memory"]
+    assert "host can lose up to about a second" in results["aof-everysec"]
+    assert "WARNING" not in results["fsync-always"]

@@ -111,3 +111,15 @@ def test_held_message_is_reported_whole_and_as_json() -> None:
         "b": {"base64": "AQ=="},
     }
     assert "delivery 7, 4 bytes, body sha1" in shown["delivery"]
+
+
+def test_durability_levels_and_warnings() -> None:
+    from packit_broker.migrate.redis_sink import Durability
+
+    assert Durability("yes", "always").level == "fsync-always"
+    assert Durability("yes", "always").warning is None
+    assert Durability("yes", "everysec").level == "aof-everysec"
+    assert Durability("no", "everysec").level == "memory"
+    assert "memory only" in (Durability("no", "always").warning or "")
+    assert Durability("unknown", "unknown").level == "unknown"
+    assert "CONFIG GET denied" in (Durability("unknown", "unknown").warning or "")
