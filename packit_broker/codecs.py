@@ -77,10 +77,13 @@ def amqp_priority(
 def bucket_of_amqp(
     priority: int | None, max_priority: int | None, layout: KombuLayout = DEFAULT_LAYOUT
 ) -> int:
-    """The inverse of `amqp_priority_of_bucket`: AMQP priority -> the Redis step it came from."""
-    if priority is None or not max_priority:
+    """The inverse of `amqp_priority_of_bucket`: AMQP priority -> the Redis step it came from.
+
+    On a priority queue RabbitMQ serves a message without priority as priority 0, the least
+    urgent: so does the Redis side (the last bucket), or it would overtake prioritized ones."""
+    if not max_priority:
         return layout.bucket_of(0)
-    clamped = min(max(priority, 0), max_priority)
+    clamped = min(max(priority or 0, 0), max_priority)
     return layout.bucket_of(REDIS_MAX_PRIORITY - round(clamped * REDIS_MAX_PRIORITY / max_priority))
 
 
@@ -161,16 +164,25 @@ def from_redis(raw: bytes, layout: KombuLayout = DEFAULT_LAYOUT) -> TaskMessage:
     )
 
 
-def to_redis(message: TaskMessage, queue: str) -> bytes:
+def to_redis(message: TaskMessage, queue: str, binding: tuple[str, str] | None = None) -> bytes:
     """The task message -> the envelope kombu's Redis channel would have LPUSHed for it
     (base64 body, delivery_info, a fresh delivery_tag); it lands in the list of
-    `message.bucket`."""
+    `message.bucket`.
+
+    With `binding` (the queue's (exchange, routing key) as kombu's Redis knows it), the
+    delivery_info keeps the stored route only if it is that binding, else the default
+    exchange and the queue's name: kombu restores an unacked entry (warm shutdown, the
+    visibility timeout) by that route, and one Redis has no binding for (a dead-letter or
+    alternate exchange, custom routes) would be restored nowhere - dropped.
+    """
     properties: dict[str, Any] = dict(message.properties)
     properties["delivery_mode"] = 2
-    properties["delivery_info"] = {
-        "exchange": message.exchange if message.exchange is not None else "",
-        "routing_key": message.routing_key if message.routing_key is not None else queue,
-    }
+    if binding is not None:
+        exchange, routing_key = _target(message, queue, binding)
+    else:
+        exchange = message.exchange if message.exchange is not None else ""
+        routing_key = message.routing_key if message.routing_key is not None else queue
+    properties["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
     properties["priority"] = message.priority
     properties["body_encoding"] = "base64"
     properties["delivery_tag"] = str(uuid.uuid4())

@@ -434,11 +434,13 @@ def _rollback(
     try:
         with rollback:
             plan = rollback.plan()
-            if dry_run:
-                _show_rollback_plan(plan, as_json)
-                sys.exit(EXIT_REFUSED if plan.selection_refusal else EXIT_OK)
             side, where = REDIS, (target.display_url, target.host)
             store.client.ping()
+            rollback.check_destination(plan)
+            if dry_run:
+                _show_rollback_plan(plan, as_json)
+                refused = plan.selection_refusal or plan.layout_refusal
+                sys.exit(EXIT_REFUSED if refused else EXIT_OK)
             progress = _Progress(sum(q.ready for q in plan.queues), as_json, follow=options.follow)
             rollback.progress, rollback.notify = progress, progress.notify
             if options.follow:
@@ -448,6 +450,14 @@ def _rollback(
             report = rollback.run(plan)
     except Refused as exc:
         progress.close()
+        if plan.layout_refusal:
+            click.echo(
+                f"refused: [redis] {exc}\n  set --transport-options (or"
+                f" {TRANSPORT_OPTIONS_VARIABLE}) to the Redis app's broker_transport_options;"
+                " nothing was changed",
+                err=True,
+            )
+            sys.exit(EXIT_REFUSED)
         fix = (
             "nothing was changed"
             if plan.selection_refusal
@@ -492,6 +502,8 @@ def _show_rollback_plan(plan: RollbackPlan, as_json: bool) -> None:
         click.echo(f"  skipped {name!r}: {why}")
     if plan.selection_refusal:
         click.echo(f"  refused: {plan.selection_refusal}")
+    if plan.layout_refusal:
+        click.echo(f"  refused, the transport options do not fit Redis: {plan.layout_refusal}")
     if plan.refusal:
         click.echo(f"  would refuse without --force: {plan.refusal}")
 

@@ -90,7 +90,7 @@ class RedisSink:
         """The envelope kombu would have LPUSHed and its bucket's list; MalformedMessage if
         a header cannot be written as JSON (an AMQP timestamp, byte array or decimal)."""
         try:
-            payload = to_redis(message, target.name)
+            payload = to_redis(message, target.name, (target.exchange, target.routing_key))
         except (TypeError, ValueError) as exc:
             raise MalformedMessage(
                 f"its headers cannot be carried in kombu's JSON envelope ({exc})"

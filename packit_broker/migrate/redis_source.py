@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from packit_broker.codecs import from_redis
 from packit_broker.config import redis_from_url
@@ -204,6 +206,11 @@ class RedisSource:
             socket_timeout=30,
             socket_connect_timeout=10,
             client_name=CLIENT_NAME,
+            # Never resend a command whose reply was lost: redis-py (6+) would run a MULTI/EXEC
+            # or a trim script twice - a rolled-back batch written twice with its journal
+            # gone, or a removal reported as "list changed". A lost reply fails the run
+            # instead, and the journal written with the batch lists it.
+            retry=Retry(NoBackoff(), 0),
         )
         return cls(client, endpoint.db, layout)
 

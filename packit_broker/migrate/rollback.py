@@ -56,6 +56,13 @@ class RollbackPlan:
     queues: list[RollbackQueue]
     skipped: dict[str, str] = field(default_factory=dict)  # configured, absent: name -> why
     missing: list[str] = field(default_factory=list)  # requested with --queue, absent
+    #: the destination Redis holds another layout than configured (not overridable: tasks
+    #: would be written where no worker reads, or partly refused by WRONGTYPE)
+    layout_problems: list[str] = field(default_factory=list)
+
+    @property
+    def layout_refusal(self) -> str | None:
+        return "; ".join(self.layout_problems) or None
 
     @property
     def refusal(self) -> str | None:
@@ -92,6 +99,7 @@ class RollbackPlan:
             ],
             "skipped": skipped_list(self.skipped),
             "missing": list(self.missing),
+            "layout_problems": list(self.layout_problems),
         }
 
 
@@ -168,9 +176,30 @@ class Rollback:
             plan.queues.append(RollbackQueue(spec, origin, state.ready, state.consumers))
         return plan
 
+    def check_destination(self, plan: RollbackPlan) -> None:
+        """Read-only, on Redis: does it hold the layout the run will write? Keys of another
+        separator or prefix (the transport options forgotten or wrong) or a target key of
+        another type go into `plan.layout_problems`."""
+        survey = self.store.survey()
+        problems = list(survey.mismatches)
+        layout = self.store.layout
+        if survey.foreign_prefixes:
+            shown = ", ".join(repr(p) for p in sorted(survey.foreign_prefixes))
+            problems.append(
+                f"Redis holds kombu keys under global_keyprefix {shown}, not"
+                f" {layout.global_keyprefix!r}: set global_keyprefix as the Redis app does"
+            )
+        keys = [k for q in plan.queues for k in layout.bucket_keys(q.spec.name).values()]
+        for key, kind in sorted(self.store.types(keys).items()):
+            if kind not in ("list", "none"):
+                problems.append(f"{key!r} is a Redis {kind}, not a list: kombu could not read it")
+        plan.layout_problems = problems
+
     def run(self, plan: RollbackPlan) -> RollbackReport:
         """Refusals first (nothing touched), then the run lock (in Redis), then the moves."""
         started = time.monotonic()
+        if plan.layout_refusal:
+            raise Refused(plan.layout_refusal)
         if plan.selection_refusal:
             raise Refused(plan.selection_refusal)
         if plan.refusal and not self.options.force and not self.options.follow:

@@ -31,7 +31,7 @@ from packit_broker.config import broker_from_env
 from packit_broker.kombu_layout import KombuLayout
 from packit_broker.messages import TaskMessage
 from packit_broker.migrate import MigrateOptions, Migration, make_plan
-from packit_broker.migrate.redis_sink import Journal, RedisSink
+from packit_broker.migrate.redis_sink import Journal, RedisEntry, RedisSink
 from packit_broker.migrate.redis_source import INFLIGHT, RedisSource, RunLock
 from packit_broker.migrate.rollback import Rollback, RollbackOptions
 from packit_broker.queues import QueueSettings, QueueSpec
@@ -862,3 +862,117 @@ def test_rollback_says_what_redis_acceptance_is_worth(
     assert "CONFIG SET appendfsync always" in results["memory"]
     assert "host can lose up to about a second" in results["aof-everysec"]
     assert "WARNING" not in results["fsync-always"]
+
+
+class ReplyLosingProxy:
+    """A TCP proxy to Redis that lets the first EXEC through, then drops the connection before
+    its reply reaches the client: Redis applied the transaction, the client cannot know."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.dropped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            lost = threading.Event()  # this connection's EXEC reply is being lost
+            threading.Thread(target=self._up, args=(client, upstream, lost), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, lost), daemon=True).start()
+
+    def _up(self, client: Any, upstream: Any, lost: Any) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                losing = b"EXEC" in data and not self.dropped.is_set()
+                if losing:
+                    lost.set()  # from now on nothing goes back to this client
+                    self.dropped.set()
+                upstream.sendall(data)
+                if losing:
+                    time.sleep(0.3)  # Redis runs the transaction meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+
+    def _down(self, upstream: Any, client: Any, lost: Any) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(65536):
+                if lost.is_set():
+                    return
+                client.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_lost_exec_reply_is_not_sent_again(redis_url: str) -> None:
+    """redis-py 6 retries a MULTI/EXEC whose reply was lost: the batch would be written twice
+    and, the run carrying on, its journal deleted - a duplicate no report lists. The client
+    the migrator builds must fail instead, leaving the journal written with the batch."""
+    prefix, _, tail = redis_url.rpartition(":")
+    port, _, db = tail.partition("/")
+    proxy = ReplyLosingProxy(int(port))
+    try:
+        store = RedisSource.from_url(f"{prefix}:{proxy.port}/{db}", KombuLayout())
+        journal = Journal(store)
+        sink = RedisSink(store, journal)
+        journal.mark("celery", ["t1", "t2"])
+        with pytest.raises(redis.ConnectionError):
+            sink.send([RedisEntry("lost-reply", b"m1"), RedisEntry("lost-reply", b"m2")])
+        assert proxy.dropped.is_set()
+    finally:
+        proxy.close()
+    direct = redis.Redis.from_url(redis_url)
+    assert direct.lrange("lost-reply", 0, -1) == [b"m2", b"m1"]  # once, not twice
+    assert b"t1" in (direct.get(journal.key) or b"")  # the journal names the batch
+
+
+def test_a_destination_of_another_layout_is_refused_before_anything_moves(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+) -> None:
+    """The Redis app uses a key prefix and another separator, the operator forgot its
+    transport options: writing would put tasks where no Redis worker reads. Refused (exit 3,
+    side Redis, the fix named), in the plan too; a target key of another type likewise;
+    RabbitMQ keeps every message."""
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    messages = celery_messages(redis_url, spec, 5)
+    publish(stack, spec, messages)
+    env = rollback_env(client_env, redis_url)
+    theirs = KombuLayout.from_transport_options(LAYOUTS[1])
+    their_sink = RedisSink(
+        RedisSource.from_url(redis_url, theirs), Journal(RedisSource.from_url(redis_url, theirs))
+    )
+    their_sink.prepare(spec)
+    their_sink.send([their_sink.encode(TaskMessage(messages[0].body, messages[0].headers), spec)])
+
+    planned = run_migrate(env, "--queue", short, "--dry-run")
+    assert planned.returncode == 3, planned.stdout + planned.stderr
+    assert "the transport options do not fit Redis" in planned.stdout
+    refused = run_migrate(env, "--queue", short)
+    assert refused.returncode == 3, refused.stderr
+    assert "refused: [redis]" in refused.stderr and "global_keyprefix" in refused.stderr
+    assert "PACKIT_MIGRATE_TRANSPORT_OPTIONS" in refused.stderr
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.set(short, b"not a list")
+    wrong = run_migrate(env, "--queue", short)
+    assert wrong.returncode == 3, wrong.stderr
+    assert f"{short!r} is a Redis string, not a list" in wrong.stderr
+    assert len(drain_exact(stack, short)) == len(messages)  # nothing left RabbitMQ

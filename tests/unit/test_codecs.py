@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -100,4 +101,33 @@ def test_priority_mapping_is_inverted_and_invertible() -> None:
             assert mapped == sorted(mapped, reverse=True)  # kombu's first bucket -> highest
             assert [bucket_of_amqp(p, max_priority, layout) for p in mapped] == list(steps)
     assert amqp_priority(2, 10) == amqp_priority(0, 10) == 10  # same bucket, same priority
-    assert bucket_of_amqp(None, 10) == 0 and bucket_of_amqp(3, None) == 0
+    # RabbitMQ serves "no priority" as 0, the least urgent: so must the Redis side.
+    assert bucket_of_amqp(None, 10) == bucket_of_amqp(0, 10) == 9
+    assert bucket_of_amqp(3, None) == bucket_of_amqp(None, None) == 0
+
+
+@pytest.mark.parametrize(
+    ("exchange", "routing_key", "kept"),
+    [
+        ("celery", "celery", True),  # the queue's own binding: Redis routes it back
+        ("dlx.celery", "celery", False),  # dead-lettered: Redis knows no such exchange
+        ("celery", "other", False),  # a custom route Redis has no binding for
+        ("", "celery", False),  # the default exchange: written as such anyway
+    ],
+)
+def test_redis_delivery_info_is_a_route_redis_can_restore(
+    exchange: str, routing_key: str, kept: bool
+) -> None:
+    """kombu restores an unacked entry by its delivery_info; a route Redis has no binding
+    for would restore it nowhere (dropped), so only the queue's own binding is kept."""
+    message = TaskMessage(b"{}", {"id": "t"}, exchange=exchange, routing_key=routing_key)
+    envelope = json.loads(to_redis(message, "celery", ("celery", "celery")))
+    expected = (
+        {"exchange": exchange, "routing_key": routing_key}
+        if kept
+        else {
+            "exchange": "",
+            "routing_key": "celery",
+        }
+    )
+    assert envelope["properties"]["delivery_info"] == expected
