@@ -119,6 +119,11 @@ class Durability:
 
     appendonly: str  # "yes" | "no" | "unknown" (CONFIG may be renamed or denied by ACL)
     appendfsync: str  # "always" | "everysec" | "no" | "unknown"
+    eviction: str = "noeviction"  # maxmemory-policy: allkeys-* may evict accepted lists
+
+    @property
+    def evicts(self) -> bool:
+        return self.eviction.startswith("allkeys")
 
     @property
     def level(self) -> str:
@@ -131,6 +136,17 @@ class Durability:
     @property
     def warning(self) -> str | None:
         """What an operator must know before RabbitMQ forgets what Redis took; None if safe."""
+        persistence = self._persistence_warning()
+        if not self.evicts:
+            return persistence
+        eviction = (
+            f"maxmemory-policy is {self.eviction!r}: Redis may evict the task lists it accepted"
+            " once it reaches maxmemory; set `CONFIG SET maxmemory-policy noeviction` for the"
+            " rollback window"
+        )
+        return f"{persistence}; and {eviction}" if persistence else eviction
+
+    def _persistence_warning(self) -> str | None:
         fix = (
             "for the rollback window run `CONFIG SET appendonly yes` and `CONFIG SET appendfsync"
             " always` on Redis (and keep them in redis.conf)"
@@ -144,9 +160,10 @@ class Durability:
             )
         if self.level == "unknown":
             return f"could not read Redis's persistence settings (CONFIG GET denied); {fix}"
+        lost = "about a second" if self.appendfsync == "everysec" else "tens of seconds"
         return (
             f"Redis syncs its append-only file {self.appendfsync!r}, not per write: a crash of"
-            f" its host can lose up to about a second of rolled-back tasks; {fix}"
+            f" its host can lose up to {lost} of rolled-back tasks; {fix}"
         )
 
 
@@ -155,13 +172,13 @@ def durability(store: RedisSource) -> Durability:
     import redis
 
     found: dict[str, str] = {}
-    for name in ("appendonly", "appendfsync"):
+    for name in ("appendonly", "appendfsync", "maxmemory-policy"):
         try:
             value = store.client.config_get(name).get(name)
         except redis.ResponseError:
             value = None
         found[name] = value.decode() if isinstance(value, bytes) else str(value or "unknown")
-    return Durability(found["appendonly"], found["appendfsync"])
+    return Durability(found["appendonly"], found["appendfsync"], found["maxmemory-policy"])
 
 
 def _runs(messages: Sequence[RedisEntry]) -> list[tuple[str, list[bytes]]]:

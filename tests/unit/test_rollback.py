@@ -123,3 +123,15 @@ def test_durability_levels_and_warnings() -> None:
     assert "memory only" in (Durability("no", "always").warning or "")
     assert Durability("unknown", "unknown").level == "unknown"
     assert "CONFIG GET denied" in (Durability("unknown", "unknown").warning or "")
+
+
+def test_an_evicting_redis_is_named() -> None:
+    from packit_broker.migrate.redis_sink import Durability
+
+    safe = Durability("yes", "always", "noeviction")
+    assert safe.warning is None and not Durability("yes", "always", "volatile-lru").evicts
+    evicting = Durability("yes", "always", "allkeys-lru")
+    assert "maxmemory-policy noeviction" in (evicting.warning or "")
+    both = Durability("no", "everysec", "allkeys-lfu").warning or ""
+    assert "memory only" in both and "allkeys-lfu" in both
+    assert "tens of seconds" in (Durability("yes", "no").warning or "")
