@@ -36,6 +36,7 @@ from packit_broker.kombu_layout import (
 )
 from packit_broker.messages import TaskMessage
 from packit_broker.migrate.protocols import Lane
+from packit_broker.migrate.report import Report
 
 QUARANTINE = "packit_broker.quarantine"
 INFLIGHT = "packit_broker.inflight"
@@ -610,3 +611,20 @@ def _guess_binding_sep(member: str) -> str | None:
             if len(parts) == 3 and parts[0] == parts[2] and not parts[1]:
                 return sep
     return None
+
+
+@contextmanager
+def locked_run(store: RedisSource, report: Report, ttl: float) -> Iterator[RunLock]:
+    """The run lock held around a run (either direction: the lock and the journal live in the
+    Redis database either way), and the report begun as every run begins it: whose crashed
+    run was taken over, and that run's in-flight ids adopted as possible duplicates."""
+    lock = RunLock(store, ttl)
+    try:
+        report.taken_over_from = lock.acquire()
+        lock.start()
+        store.adopt_crashed_inflight()
+        report.possible_duplicates = store.possible_duplicates()
+        report.adopted_duplicates = len(report.possible_duplicates)
+        yield lock
+    finally:
+        lock.release()

@@ -24,7 +24,7 @@ from packit_broker.migrate.amqp_source import AmqpSource
 from packit_broker.migrate.driver import Driver, Progress
 from packit_broker.migrate.protocols import Lane
 from packit_broker.migrate.redis_sink import Journal, RedisEntry, RedisSink, durability
-from packit_broker.migrate.redis_source import RedisSource, RunLock
+from packit_broker.migrate.redis_source import RedisSource, RunLock, locked_run
 from packit_broker.migrate.report import Report, skipped_list
 from packit_broker.migrate.run import Refused
 from packit_broker.queues import QueueSettings, QueueSpec
@@ -204,20 +204,12 @@ class Rollback:
             raise Refused(plan.selection_refusal)
         if plan.refusal and not self.options.force and not self.options.follow:
             raise Refused(plan.refusal)
-        self.lock = RunLock(self.store, self.options.lock_ttl_seconds)
-        try:
-            self.report.taken_over_from = self.lock.acquire()
-            self.lock.start()
+        with locked_run(self.store, self.report, self.options.lock_ttl_seconds) as self.lock:
             self._run_locked(plan)
-        finally:
-            self.lock.release()
         self.report.seconds = time.monotonic() - started
         return self.report
 
     def _run_locked(self, plan: RollbackPlan) -> None:
-        self.store.adopt_crashed_inflight()
-        self.report.possible_duplicates = self.store.possible_duplicates()
-        self.report.adopted_duplicates = len(self.report.possible_duplicates)
         self.report.skipped = dict(plan.skipped)
         persistence = durability(self.store)
         self.report.redis_durability = persistence.level

@@ -37,6 +37,7 @@ from packit_broker.migrate.redis_source import (
     RunLock,
     Survey,
     UnackedEntry,
+    locked_run,
 )
 from packit_broker.migrate.report import QuarantinedEntry, Report, skipped_list, wrong_type_list
 from packit_broker.queues import QueueSettings, QueueSpec
@@ -309,20 +310,12 @@ class Migration:
         waits = self.options.follow and not plan.fresh_unacked
         if plan.refusal and not self.options.force and not waits:
             raise Refused(plan.refusal)
-        self.lock = RunLock(self.source, self.options.lock_ttl_seconds)
-        try:
-            self.report.taken_over_from = self.lock.acquire()
-            self.lock.start()
+        with locked_run(self.source, self.report, self.options.lock_ttl_seconds) as self.lock:
             self._run_locked(plan)
-        finally:
-            self.lock.release()
         self.report.seconds = time.monotonic() - started
         return self.report
 
     def _run_locked(self, plan: Plan) -> None:
-        self.source.adopt_crashed_inflight()
-        self.report.possible_duplicates = self.source.possible_duplicates()
-        self.report.adopted_duplicates = len(self.report.possible_duplicates)
         self.report.skipped = dict(plan.skipped)
         self.report.wrong_type = dict(plan.wrong_type)
         # The first connection's failures are diagnosed as they are (a wrong setting should
