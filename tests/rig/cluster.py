@@ -428,10 +428,23 @@ class NamespaceCluster(RenderedNodes):
             timeout=timeout,
         )
 
-    def connections_per_node(self, host: Host) -> dict[str, int]:
-        """How many client connections each node holds, as `host` sees it."""
-        out = self.ctl(host, "eval", "[node(P) || P <- rabbit_networking:connections()].")
-        return {h.node: out.count(f"'{h.node}'") for h in self.hosts}
+    def connections_per_node(self) -> dict[str, int]:
+        """Client connections each pod holds, as the router sees them (its current sessions
+        per server): what `balance source` decided, and the same on every RabbitMQ version
+        (asking RabbitMQ through `rabbit_networking:connections()` miscounted on 4.0)."""
+        if self.router is None or self.route is None:
+            return {}
+        rows = runtime_command(self.router_folder, "show stat").splitlines()
+        header = rows[0].lstrip("# ").split(",") if rows else []
+        scur = header.index("scur") if "scur" in header else 4
+        counts: dict[str, int] = {}
+        for host in self.hosts:
+            backend, server = server_name(self.route, host.index).split("/")
+            for row in rows[1:]:
+                fields = row.split(",")
+                if len(fields) > scur and fields[0] == backend and fields[1] == server:
+                    counts[host.node] = int(fields[scur] or 0)
+        return counts
 
     def host_of(self, node: str) -> Host:
         return next(h for h in self.hosts if h.node == node)
