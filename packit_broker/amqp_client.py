@@ -8,6 +8,8 @@ to tell a memory alarm from a disk alarm (and both from a network fault).
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -30,16 +32,25 @@ class BlockAwareConnection(amqp.Connection):  # type: ignore[misc]
         return None
 
 
+def connection_name(role: str) -> str:
+    """What RabbitMQ shows for our connection (`rabbitmqctl list_connections client_properties`,
+    the management UI): the role, the host (the Pod's name in OpenShift) and the process, so an
+    operator can tell the migrator's connection from the workers' and find the node serving it."""
+    return f"packit-broker {role} on {socket.gethostname()} pid {os.getpid()}"
+
+
 def open_connection(
     endpoint: BrokerEndpoint,
     *,
+    role: str,
     connect_timeout: float = 10,
     on_blocked: Callable[[str], None] | None = None,
     on_unblocked: Callable[[], None] | None = None,
 ) -> BlockAwareConnection:
     """The one way the migrator dials RabbitMQ (publisher or consumer): the dial address (a
     `--connect-to` override), the verified TLS dict with `server_hostname` (SNI + host-name
-    check, see packit_broker.tls), the heartbeat. Not connected yet: call `.connect()`."""
+    check, see packit_broker.tls), the heartbeat, a `connection_name` saying who we are. Not
+    connected yet: call `.connect()`."""
     return BlockAwareConnection(
         str(endpoint.dial),
         userid=endpoint.username,
@@ -50,4 +61,5 @@ def open_connection(
         connect_timeout=connect_timeout,
         on_blocked=on_blocked,
         on_unblocked=on_unblocked,
+        client_properties={"connection_name": connection_name(role)},
     )

@@ -101,6 +101,7 @@ class AmqpSink:
         self.nack_retry_seconds = nack_retry_seconds
         self.connection = open_connection(
             endpoint,
+            role="migrate (publisher)",
             connect_timeout=connect_timeout,
             on_blocked=self._on_blocked,
             on_unblocked=self._on_unblocked,

@@ -70,6 +70,10 @@ class Delivery(bytes):
         delivery.redelivered = bool(info.get("redelivered"))
         return delivery
 
+    @property
+    def task_id(self) -> str | None:
+        return _text(self.properties.get("application_headers"), "id")
+
     def describe(self) -> str:
         return f"delivery {self.tag}, {len(self)} bytes, body sha1 {hashlib.sha1(self).hexdigest()}"
 
@@ -93,7 +97,7 @@ class HeldMessage:
     def as_dict(self) -> dict[str, Any]:
         return {
             "queue": self.queue,
-            "task_id": _text(self.delivery.properties.get("application_headers"), "id"),
+            "task_id": self.delivery.task_id,
             "delivery": self.delivery.describe(),
             "body_base64": base64.b64encode(self.delivery).decode("ascii"),
             "properties": _json_safe(self.delivery.properties),
@@ -128,6 +132,7 @@ class AmqpSource:
         read_ahead: int | None = None,
         mark: Callable[[str, Sequence[str]], None],
         committed: Callable[[bool], None],
+        doubt: Callable[[Sequence[str]], None] = lambda task_ids: None,
         connect_timeout: float = 10,
     ) -> None:
         self.endpoint = endpoint
@@ -139,7 +144,13 @@ class AmqpSource:
         self.prefetch = window + (window if read_ahead is None else read_ahead)
         self._mark = mark
         self._committed = committed
-        self.connection = open_connection(endpoint, connect_timeout=connect_timeout)
+        self._doubt = doubt
+        #: task ids RabbitMQ redelivered (another consumer, or an earlier run, had them),
+        #: not yet handed to `doubt`
+        self._redelivered: set[str] = set()
+        self.connection = open_connection(
+            endpoint, role="migrate (consumer)", connect_timeout=connect_timeout
+        )
         self.lanes: dict[str, _Consuming] = {}
         self.held: list[HeldMessage] = []
 
@@ -256,8 +267,11 @@ class AmqpSource:
                 break
             if time.monotonic() - since > STALL:
                 break
-        taken = min(count, len(consuming.buffer))
-        return [consuming.buffer.popleft() for _ in range(taken)]
+        taken = [consuming.buffer.popleft() for _ in range(min(count, len(consuming.buffer)))]
+        for delivery in taken:
+            if delivery.redelivered and (task_id := delivery.task_id) is not None:
+                self._redelivered.add(task_id)
+        return taken
 
     def decode(self, raw: bytes, lane: Lane) -> TaskMessage:
         if not isinstance(raw, Delivery):
@@ -275,7 +289,15 @@ class AmqpSource:
             raise MalformedMessage(_where(exc.reason, lane.key, raw)) from None
 
     def mark_inflight(self, where: str, task_ids: Sequence[str]) -> None:
+        """Journal the ids about to be sent; those RabbitMQ redelivered are also doubted: a
+        consumer had them before (an earlier run whose acknowledgement RabbitMQ lost with a
+        node, after that run's journal was cleared; or a worker), so Redis may already hold
+        them or the task may have run. Redis lists them with the batch, in its transaction."""
         self._mark(where, task_ids)
+        doubtful = [t for t in task_ids if t in self._redelivered]
+        if doubtful:
+            self._redelivered.difference_update(doubtful)
+            self._doubt(doubtful)
 
     def commit(
         self, lane: Lane, entries: Sequence[bytes], quarantine: Sequence[int], *, keep_marker: bool

@@ -19,7 +19,12 @@ from typing import Any
 from packit_broker.codecs import to_redis
 from packit_broker.messages import MalformedMessage, TaskMessage
 from packit_broker.migrate.protocols import Rejection, Ticket
-from packit_broker.migrate.redis_source import INFLIGHT, RedisSource, inflight_payload
+from packit_broker.migrate.redis_source import (
+    INFLIGHT,
+    POSSIBLE_DUPLICATES,
+    RedisSource,
+    inflight_payload,
+)
 from packit_broker.queues import QueueSpec
 
 
@@ -45,6 +50,10 @@ class Journal:
         self.key = store.own(INFLIGHT)
         self.staged: str | None = None
         self._write_next = False
+        #: ids to list as possible duplicates with the next batch (`doubt`), and those listed
+        self.doubted: list[str] = []
+        self._doubting: list[str] = []
+        self.listed: list[str] = []
 
     def mark(self, where: str, task_ids: Sequence[str]) -> None:
         payload = inflight_payload(where, task_ids)
@@ -63,10 +72,22 @@ class Journal:
             self.staged = None
             self.store.client.delete(self.key)
 
+    def doubt(self, task_ids: Sequence[str]) -> None:
+        """List these ids as possible duplicates in the same transaction as the next batch."""
+        self.doubted.extend(task_ids)
+
     def write_into(self, pipe: Any) -> None:
         if self.staged is not None:
             pipe.set(self.key, self.staged)
             self.staged = None
+        if self.doubted:
+            pipe.rpush(self.store.own(POSSIBLE_DUPLICATES), *self.doubted)
+            self._doubting, self.doubted = self.doubted, []
+
+    def accepted(self) -> None:
+        """The transaction `write_into` joined was executed: what it doubted is listed."""
+        self.listed.extend(self._doubting)
+        self._doubting = []
 
 
 class RedisSink:
@@ -105,6 +126,7 @@ class RedisSink:
             pipe.lpush(key, *run)
         self.journal.write_into(pipe)
         pipe.execute()
+        self.journal.accepted()
         return Ticket(len(messages), 0)
 
     def wait(self, ticket: Ticket) -> list[Rejection]:

@@ -147,6 +147,7 @@ class Rollback:
             window=options.batch_size,
             mark=self.journal.mark,
             committed=lambda keep: self.journal.committed(keep=keep),
+            doubt=self.journal.doubt,
         )
         self.report = RollbackReport()
         self.lock: RunLock | None = None
@@ -205,7 +206,10 @@ class Rollback:
         if plan.refusal and not self.options.force and not self.options.follow:
             raise Refused(plan.refusal)
         with locked_run(self.store, self.report, self.options.lock_ttl_seconds) as self.lock:
-            self._run_locked(plan)
+            try:
+                self._run_locked(plan)
+            finally:  # in Redis's list after the adopted ones, in the same order
+                self.report.possible_duplicates.extend(self.journal.listed)
         self.report.seconds = time.monotonic() - started
         return self.report
 

@@ -976,3 +976,41 @@ def test_a_destination_of_another_layout_is_refused_before_anything_moves(
     assert wrong.returncode == 3, wrong.stderr
     assert f"{short!r} is a Redis string, not a list" in wrong.stderr
     assert len(drain_exact(stack, short)) == len(messages)  # nothing left RabbitMQ
+
+
+def test_redelivered_messages_are_listed_as_possible_duplicates(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+) -> None:
+    """A message RabbitMQ redelivers was with a consumer before (a worker, or an earlier run
+    whose acknowledgement a crashed node lost after that run's journal was cleared): the task
+    may already be in Redis or have run. The run lists it, and only it, as a possible
+    duplicate, in the report and in Redis for the next run to adopt if this one dies."""
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    seen = celery_messages(redis_url, spec, 4)
+    publish(stack, spec, seen)
+    with stack.amqp_connection() as conn:  # a consumer takes them and goes away unacked
+        channel = conn.channel()
+        channel.basic_qos(0, 10, False)
+        taken: list[amqp.Message] = []
+        channel.basic_consume(short, callback=taken.append)
+        deadline = time.monotonic() + 30
+        while len(taken) < len(seen):
+            assert time.monotonic() < deadline, f"only {len(taken)} delivered"
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=1)
+    fresh = celery_messages(redis_url, spec, 3)
+    publish(stack, spec, fresh)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    env = rollback_env(client_env, redis_url)
+    done = run_migrate(env, "--queue", short, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert sorted(report["possible_duplicates"]) == sorted(m.task_id for m in seen)
+    assert set(ids_in_redis(client, KombuLayout(), short)) == {m.task_id for m in seen + fresh}
+    # Written with the batch, then cleared once the report said it.
+    assert client.llen("packit_broker.possible_duplicates") == 0

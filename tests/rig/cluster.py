@@ -446,6 +446,27 @@ class NamespaceCluster(RenderedNodes):
                     counts[host.node] = int(fields[scur] or 0)
         return counts
 
+    def serving(self, marker: str) -> list[Host]:
+        """The hosts whose node serves a client connection named with `marker` (its
+        `connection_name` client property), as RabbitMQ itself reports it: the server address
+        each connection arrived on. Unlike the router's session counts, this names the node a
+        given client is on, whatever other clients left behind."""
+        up = next(h for h in self.hosts if h.server.running)
+        out = self.ctl(
+            up, "--quiet", "list_connections", "host", "client_properties", "--formatter", "json"
+        )
+        by_address = {h.address: h for h in self.hosts}
+        found: list[Host] = []
+        for connection in json.loads(out or "[]"):
+            if marker in json.dumps(connection.get("client_properties")):
+                address = connection.get("host")  # 3.10: [198, 51, 100, 3]; 4.x: a string
+                if isinstance(address, list):
+                    address = ".".join(map(str, address))
+                host = by_address.get(str(address))
+                if host is not None and host not in found:
+                    found.append(host)
+        return found
+
     def host_of(self, node: str) -> Host:
         return next(h for h in self.hosts if h.node == node)
 
