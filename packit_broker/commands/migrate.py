@@ -340,8 +340,7 @@ def migrate(
     stop = threading.Event()
     metrics = FollowMetrics() if follow else None
     if follow:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+        _stop_on_signals(stop)
         if metrics is not None and metrics_port is not None:
             metrics.serve(metrics_port)
     try:
@@ -358,38 +357,24 @@ def migrate(
         )
         report = migration.run(plan)
     except Refused as exc:
-        progress.close()
         fix = (
             f"set --transport-options (or {TRANSPORT_OPTIONS_VARIABLE}) to the app's"
             " broker_transport_options; nothing was changed"
             if plan.layout_refusal
             else f"stop the Celery workers that use {redis_display}, or pass --force"
         )
-        click.echo(f"refused: [redis] {exc}\n  {fix}", err=True)
-        sys.exit(EXIT_REFUSED)
+        _refuse(progress, f"[redis] {exc}\n  {fix}")
     except LockHeld as exc:
-        progress.close()
-        click.echo(
-            f"refused: [redis] another migration of {redis_display} is running: {exc.holder}\n"
-            "  wait for it to finish (a crashed run's lock is taken over automatically)",
-            err=True,
-        )
-        sys.exit(EXIT_REFUSED)
+        _refuse(progress, _lock_held(exc, redis_display))
     except MutexBusy as exc:
-        progress.close()
-        click.echo(f"refused: [redis] {exc}", err=True)
-        sys.exit(EXIT_REFUSED)
+        _refuse(progress, f"[redis] {exc}")
     except LockLost as exc:
         progress.close()
         _fail(f"[redis] {exc}")
     except CONNECTION_ERRORS as exc:
         progress.close()
         _fail(_diagnose_run_error(exc, broker.display_url, broker.host, redis_display))
-    progress.close()
-    _finish(report, report_file, as_json)
-    # Only now that the report is out may Redis forget which tasks may exist twice.
-    source.clear_possible_duplicates(len(report.possible_duplicates))
-    sys.exit(EXIT_OK if follow and stop.is_set() else _exit_code(report))
+    _end(progress, report, report_file, as_json, source, stopped=follow and stop.is_set())
 
 
 def _scheme(url: str) -> str:
@@ -444,36 +429,24 @@ def _rollback(
             progress = _Progress(sum(q.ready for q in plan.queues), as_json, follow=options.follow)
             rollback.progress, rollback.notify = progress, progress.notify
             if options.follow:
-                for signum in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(signum, lambda *_: stop.set())
+                _stop_on_signals(stop)
             side = ""
             report = rollback.run(plan)
     except Refused as exc:
-        progress.close()
         if plan.layout_refusal:
-            click.echo(
-                f"refused: [redis] {exc}\n  set --transport-options (or"
-                f" {TRANSPORT_OPTIONS_VARIABLE}) to the Redis app's broker_transport_options;"
-                " nothing was changed",
-                err=True,
+            _refuse(
+                progress,
+                f"[redis] {exc}\n  set --transport-options (or {TRANSPORT_OPTIONS_VARIABLE}) to"
+                " the Redis app's broker_transport_options; nothing was changed",
             )
-            sys.exit(EXIT_REFUSED)
         fix = (
             "nothing was changed"
             if plan.selection_refusal
             else "stop the Celery workers that consume these RabbitMQ queues, or pass --force"
         )
-        click.echo(f"refused: [rabbitmq] {exc}\n  {fix}", err=True)
-        sys.exit(EXIT_REFUSED)
+        _refuse(progress, f"[rabbitmq] {exc}\n  {fix}")
     except LockHeld as exc:
-        progress.close()
-        click.echo(
-            f"refused: [redis] another migration or rollback using {target.display_url} is"
-            f" running: {exc.holder}\n  wait for it to finish (a crashed run's lock is taken"
-            " over automatically)",
-            err=True,
-        )
-        sys.exit(EXIT_REFUSED)
+        _refuse(progress, _lock_held(exc, target.display_url))
     except LockLost as exc:
         progress.close()
         _fail(f"[redis] {exc}", kept_in="RabbitMQ")
@@ -485,10 +458,49 @@ def _rollback(
             _diagnose_run_error(exc, broker.display_url, broker.host, target.display_url),
             kept_in="RabbitMQ",
         )
+    _end(progress, report, report_file, as_json, store, stopped=options.follow and stop.is_set())
+
+
+# -- what both directions do at their end -----------------------------------------------------
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """--follow: SIGTERM (a Deployment's stop) and SIGINT end the run cleanly, with a report."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+
+def _refuse(progress: _Progress, text: str) -> NoReturn:
+    """Refused before anything moved (exit 3): `text` names the side, the reason, the fix."""
+    progress.close()
+    click.echo(f"refused: {text}", err=True)
+    sys.exit(EXIT_REFUSED)
+
+
+def _lock_held(exc: LockHeld, redis_display: str) -> str:
+    return (
+        f"[redis] another migration or rollback using {redis_display} is running:"
+        f" {exc.holder}\n  wait for it to finish (a crashed run's lock is taken over"
+        " automatically)"
+    )
+
+
+def _end(
+    progress: _Progress,
+    report: Report,
+    report_file: Path | None,
+    as_json: bool,
+    store: RedisSource,
+    *,
+    stopped: bool,
+) -> NoReturn:
+    """Write the report, then let Redis forget the possible duplicates it now lists (not
+    before: a crash in between keeps them for the next run's report); exit by the report,
+    or 0 for a following run stopped by a signal."""
     progress.close()
     _finish(report, report_file, as_json)
     store.clear_possible_duplicates(len(report.possible_duplicates))
-    sys.exit(EXIT_OK if options.follow and stop.is_set() else _exit_code(report))
+    sys.exit(EXIT_OK if stopped else _exit_code(report))
 
 
 def _show_rollback_plan(plan: RollbackPlan, as_json: bool) -> None:

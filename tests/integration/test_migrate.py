@@ -199,7 +199,8 @@ def test_live_consumer_is_refused(
 ) -> None:
     app = backlog.producer(redis_url, queue_names)
     backlog.send(app, queue_names[0], "waiting")
-    blocker = redis.Redis.from_url(redis_url)
+    # redis-py 8 times out every read after 5 s by default: longer than the BRPOP's own 5 s
+    blocker = redis.Redis.from_url(redis_url, socket_timeout=30)
     blocker.client_setname("celery-worker-standin")
     import threading
 
