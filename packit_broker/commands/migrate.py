@@ -272,8 +272,6 @@ def migrate(
         raise click.UsageError("--until-idle and --metrics-port need --follow")
     to_url = flags.pop("to") or os.environ.get(MIGRATE_TO_VARIABLE) or None
     if _scheme(source_url) in AMQP_SCHEMES:
-        if metrics_port is not None:
-            raise click.UsageError("--metrics-port is for the forward bridge, not a rollback")
         # The AMQP side is parsed as PACKIT_BROKER_URL, with the CA/cert/connect-to flags.
         env = _environment({**flags, "to": source_url})
         _rollback(
@@ -290,6 +288,7 @@ def migrate(
             dry_run=dry_run,
             report_file=report_file,
             as_json=as_json,
+            metrics_port=metrics_port,
         )
     if to_url is not None and _scheme(to_url) in REDIS_SCHEMES:
         raise click.UsageError(
@@ -392,6 +391,7 @@ def _rollback(
     dry_run: bool,
     report_file: Path | None,
     as_json: bool,
+    metrics_port: int | None,
 ) -> None:
     """RabbitMQ -> Redis. Same exit codes as forward; never returns."""
     if to_url is None or _scheme(to_url) not in REDIS_SCHEMES:
@@ -414,7 +414,8 @@ def _rollback(
     stop = threading.Event()
     # No bar before the plan has counted the messages (the real one is made then).
     progress = _Progress(0, as_json, follow=True)
-    rollback = Rollback(broker, store, queue_settings, options, stop=stop)
+    metrics = FollowMetrics() if options.follow else None
+    rollback = Rollback(broker, store, queue_settings, options, stop=stop, metrics=metrics)
     side, where = RABBITMQ, (broker.display_url, broker.host)
     try:
         with rollback:
@@ -430,6 +431,8 @@ def _rollback(
             rollback.progress, rollback.notify = progress, progress.notify
             if options.follow:
                 _stop_on_signals(stop)
+                if metrics is not None and metrics_port is not None:
+                    metrics.serve(metrics_port)
             side = ""
             report = rollback.run(plan)
     except Refused as exc:

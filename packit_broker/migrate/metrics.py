@@ -1,4 +1,6 @@
-"""Prometheus metrics of a following migration (`migrate --follow --metrics-port`).
+"""Prometheus metrics of a following migration (`migrate --follow --metrics-port`), forward
+(the bridge) or back (a following rollback): the same names, "source" and "destination" being
+Redis and RabbitMQ or the other way round.
 
 What an SRE watches while producers switch over one by one: messages moved and quarantined,
 what is still pending in Redis per queue, how long since the last move (a producer still on
@@ -13,6 +15,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from packit_broker.migrate.driver import Progress
 from packit_broker.migrate.report import Report
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -77,6 +80,15 @@ class FollowMetrics:
     def serve(self, port: int, address: str = "0.0.0.0") -> None:
         """Serve /metrics on `port` from a daemon thread."""
         start_http_server(port, addr=address, registry=self.registry)
+
+    def counting(self, progress: Progress) -> Progress:
+        """`progress`, with every move counted here too."""
+
+        def both(queue: str, moved: int) -> None:
+            progress(queue, moved)
+            self.count(queue, moved)
+
+        return both
 
     def count(self, queue: str, moved: int) -> None:
         if moved:

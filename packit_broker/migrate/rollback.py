@@ -22,6 +22,7 @@ from typing import Any
 from packit_broker.config import BrokerEndpoint
 from packit_broker.migrate.amqp_source import AmqpSource
 from packit_broker.migrate.driver import Driver, Progress
+from packit_broker.migrate.metrics import FollowMetrics
 from packit_broker.migrate.protocols import Lane
 from packit_broker.migrate.redis_sink import Journal, RedisEntry, RedisSink, durability
 from packit_broker.migrate.redis_source import RedisSource, RunLock, locked_run
@@ -133,8 +134,10 @@ class Rollback:
         *,
         stop: threading.Event | None = None,
         notify: Callable[[str], None] | None = None,
+        metrics: FollowMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.queues = queues
         self.options = options
         self.progress = progress or (lambda queue, n: None)
@@ -220,14 +223,21 @@ class Rollback:
         if persistence.warning:
             self.notify(f"WARNING: {persistence.warning}")
         sink = RedisSink(self.store, self.journal)
+        progress, on_batch = self.progress, None
+        if self.metrics is not None:
+            self.metrics.watch(self.report)
+            self.metrics.connected.set(1)
+            progress = self.metrics.counting(progress)
+            on_batch = self._observe_batch
         driver: Driver[RedisEntry] = Driver(
             self.source,
             sink,
             self.report,
             batch_size=self.options.batch_size,
-            progress=self.progress,
+            progress=progress,
             check=self._check_lock,
             stop=self.stop.is_set,
+            on_batch=on_batch,
         )
         for queue in plan.queues:
             sink.prepare(queue.spec)
@@ -263,6 +273,7 @@ class Rollback:
             if not self.options.force and not self._no_consumers(lanes):
                 return
             moved = sum(driver.move(lane) for lane in lanes if not self.stop.is_set())
+            self._show_pending(lanes)
             now = time.monotonic()
             if moved:
                 active = now
@@ -281,8 +292,10 @@ class Rollback:
             if not busy:
                 if paused:
                     self.notify("resumed: no other client consumes the RabbitMQ queues")
+                    self._set_paused(False)
                 return True
             if not paused:
+                self._set_paused(True)
                 shown = "; ".join(f"{q!r}: {n} consumer(s)" for q, n in sorted(busy.items()))
                 self.notify(
                     f"PAUSED: a client is consuming from RabbitMQ ({shown}) - stop it (every"
@@ -290,8 +303,24 @@ class Rollback:
                 )
                 paused = True
             self._check_lock()
+            self._show_pending(lanes)
             self.source.idle(1.0)
         return False
+
+    # -- metrics (with --follow --metrics-port) ---------------------------------------------
+
+    def _show_pending(self, lanes: list[Lane]) -> None:
+        if self.metrics is not None:
+            for lane in lanes:
+                self.metrics.pending.labels(lane.key).set(self.source.leftover(lane.key))
+
+    def _set_paused(self, paused: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.paused.set(1 if paused else 0)
+
+    def _observe_batch(self, queue: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_latency.labels(queue).observe(seconds)
 
     def _check_lock(self) -> None:
         if self.lock is not None:

@@ -257,14 +257,6 @@ def _entry_targets(entry: UnackedEntry, bindings: Bindings, known: set[str]) -> 
 # -- moving -----------------------------------------------------------------------------------
 
 
-def _tee(first: Progress, second: Progress) -> Progress:
-    def both(queue: str, count: int) -> None:
-        first(queue, count)
-        second(queue, count)
-
-    return both
-
-
 class Migration:
     """One run. Every batch: decode, mark in flight, publish + confirm, then remove."""
 
@@ -292,7 +284,7 @@ class Migration:
         self.metrics = metrics
         if metrics is not None:
             metrics.watch(self.report)
-            self.progress = _tee(self.progress, metrics.count)
+            self.progress = metrics.counting(self.progress)
         self.notify = notify or (lambda text: None)
         self.show_pending = show_pending or (lambda pending: None)
         self._backoff: Backoff | None = None  # the reconnect backoff of an outage going on

@@ -36,10 +36,10 @@ from packit_broker.migrate.redis_source import INFLIGHT, RedisSource, RunLock
 from packit_broker.migrate.rollback import Rollback, RollbackOptions
 from packit_broker.queues import QueueSettings, QueueSpec
 from packit_broker.stack import Stack
-from packit_broker.stack.processes import Process
+from packit_broker.stack.processes import Process, free_port
 from tests.integration import backlog
 from tests.integration.test_migrate import queue_depth, run_migrate
-from tests.integration.test_migrate_follow import wait_for_notice
+from tests.integration.test_migrate_follow import metrics, wait_for_notice
 from tests.integration.workers import REPO
 
 pytestmark = pytest.mark.integration
@@ -478,17 +478,30 @@ def test_follow_pauses_while_rabbitmq_is_consumed_then_moves_until_idle(
     channel = worker.__enter__().channel()
     channel.basic_qos(0, 1, False)
     channel.basic_consume(short, callback=lambda message: None)
+    port = free_port()
     proc = start_rollback(
-        env, "--follow", "--until-idle", "3", "--queue", short, "--report", str(report_file)
-    )
+        env, "--follow", "--until-idle", "3", "--queue", short, "--report", str(report_file),
+        "--metrics-port", str(port),
+    )  # fmt: skip
     try:
         notice = wait_for_notice(proc, "PAUSED")
         assert short in notice and "stop it" in notice
         time.sleep(1)
         assert ids_in_redis(client, KombuLayout(), short) == []  # nothing moves while paused
+        seen = metrics(port)
+        assert seen["packit_migrate_paused"] == 1
+        assert seen[f'packit_migrate_pending{{queue="{short}"}}'] == 2  # the worker holds one
         worker.__exit__(None, None, None)  # the worker stops: its delivery is requeued
         wait_for_notice(proc, "resumed")
         publish(stack, spec, later, wait=False)  # a producer still on RabbitMQ
+        moved = f'packit_migrate_moved_total{{queue="{short}"}}'
+        deadline = time.monotonic() + 60
+        while metrics(port).get(moved, 0) < 5:  # read before --until-idle ends the run
+            assert time.monotonic() < deadline and proc.poll() is None, "moves not counted"
+            time.sleep(0.2)
+        seen = metrics(port)
+        assert seen["packit_migrate_paused"] == 0 and seen["packit_migrate_connected"] == 1
+        assert seen[f'packit_migrate_batch_latency_seconds_count{{queue="{short}"}}'] >= 1
         _, stderr = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:

@@ -33,8 +33,8 @@ def test_scheme_never_needs_the_rest_of_the_url() -> None:
         ({"PACKIT_MIGRATE_FROM": AMQP_URL, "PACKIT_MIGRATE_TO": AMQP_URL}, [], "redis://"),
         (
             {"PACKIT_MIGRATE_FROM": AMQP_URL, "PACKIT_MIGRATE_TO": REDIS_URL},
-            ["--follow", "--metrics-port", "9999"],
-            "not a rollback",
+            ["--metrics-port", "9999"],
+            "need --follow",
         ),
         ({"PACKIT_MIGRATE_FROM": REDIS_URL, "PACKIT_MIGRATE_TO": REDIS_URL}, [], "rollback goes"),
         (
@@ -43,7 +43,7 @@ def test_scheme_never_needs_the_rest_of_the_url() -> None:
             "PACKIT_MIGRATE_TO",
         ),
     ],
-    ids=["no-to", "to-not-redis", "metrics-port", "redis-to-redis", "bad-redis-url"],
+    ids=["no-to", "to-not-redis", "metrics-port-without-follow", "redis-to-redis", "bad-redis-url"],
 )
 def test_direction_usage_errors_exit_2_without_secrets(
     env: dict[str, str], args: list[str], says: str
