@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_QUEUE_NAMES = ("short-running", "long-running", "rate-limited")
+#: The AMQP server property (connection.start) the bundled RabbitMQ template announces: how many
+#: nodes (REPLICAS) the deployment runs. AMQP itself says nothing about a cluster; `check` reads
+#: this to warn when classic queues, which live on one node, are used on several.
+REPLICAS_SERVER_PROPERTY = "packit_replicas"
 
 
 class QueueType(enum.Enum):

@@ -24,7 +24,7 @@ from packit_broker.doctor.tls_probe import (
     _tls_socket,
     probe_tls,
 )
-from packit_broker.queues import QueueSettings
+from packit_broker.queues import REPLICAS_SERVER_PROPERTY, QueueSettings, QueueType
 from packit_broker.router import DEFAULT_TUNNEL_TIMEOUT
 from packit_broker.tls import amqp_ssl_options, ssl_context
 
@@ -125,6 +125,33 @@ def _amqp_connection_failure(
             )
     else:
         report.fail("amqp", f"{name}: {text}", "see the broker's log for this connection")
+
+
+def _cluster(report: _Report, server_properties: Mapping[str, Any], queues: QueueSettings) -> None:
+    """Classic queues on a cluster: each lives on one node, so its tasks are unreachable while
+    that node is down (and gone with its volume). Known only from the bundled template's
+    server property: AMQP tells a client nothing about other nodes."""
+    raw = server_properties.get(REPLICAS_SERVER_PROPERTY)
+    if isinstance(raw, bytes):
+        raw = raw.decode(errors="replace")
+    try:
+        replicas = int(str(raw))
+    except ValueError:
+        return  # not the bundled template (or an older one): nothing known
+    if replicas <= 1:
+        report.info("cluster", "one RabbitMQ node (REPLICAS=1): no replication to check")
+    elif queues.queue_type is QueueType.CLASSIC:
+        report.warn(
+            "cluster",
+            f"RabbitMQ runs {replicas} nodes, but the queues are classic"
+            " (PACKIT_BROKER_QUEUE_TYPE=classic): a classic queue lives on one node, its tasks"
+            " are unreachable while that node is down and lost with its volume",
+            "set PACKIT_BROKER_QUEUE_TYPE=quorum for workers, producers and the bridge (the"
+            " queues are replicated on every node); an existing classic queue must be drained"
+            " and deleted first (RabbitMQ refuses to redeclare it), see docs/deploy.md",
+        )
+    else:
+        report.ok("cluster", f"RabbitMQ runs {replicas} nodes; quorum queues are replicated")
 
 
 def _check_queues(report: _Report, connection: Any, queues: QueueSettings) -> bool:
@@ -320,6 +347,7 @@ def check_broker(
         report.ok("amqp-login", f"logged in as {endpoint.username!r} ({product} {version})")
         report.ok("vhost", f"vhost {endpoint.vhost!r} open")
         _heartbeat(report, connection)
+        _cluster(report, connection.server_properties, queues)
         try:
             if not _check_queues(report, connection, queues):
                 return report.results

@@ -36,6 +36,7 @@ from packit_broker.render import load_template, process
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process, StackError
 from tests.integration.conftest import CLUSTER_REPORT
+from tests.integration.test_check import run_check
 from tests.integration.test_migrate import run_migrate
 from tests.integration.test_migrate_faults import fill, start_migrate, wait_for_progress
 from tests.rig.cluster import Host, NamespaceCluster
@@ -276,6 +277,24 @@ def test_cluster_starts_within_budget_on_three_hosts(cluster: NamespaceCluster) 
     assert "balance source" in config
     for host in cluster.hosts:
         assert f"{host.address}:5671 weight 1 check inter 5000ms" in config
+
+
+def test_check_warns_when_classic_queues_run_on_the_cluster(cluster: NamespaceCluster) -> None:
+    """`check` from the worker side, through the router: the template announces its REPLICAS
+    (AMQP server property), so classic queues, each on one node, are a warning naming the fix;
+    the quorum queues the cluster scenarios use pass."""
+    whole(cluster)
+    queue = f"cluster-check-{uuid.uuid4().hex[:6]}"
+    env = client_env(cluster, queue)
+    classic = {**env, "PACKIT_BROKER_QUEUE_TYPE": "classic", "PACKIT_BROKER_QUEUES": f"{queue}-c"}
+    for settings, status in ((classic, "warn"), (env, "ok")):
+        code, results, output = run_check(settings)
+        assert cluster.password not in output
+        (found,) = [r for r in results if r["layer"] == "cluster"]
+        assert found["status"] == status, found
+        assert "3 nodes" in found["seen"]
+        assert code == 0, results  # a warning is not a failure
+    assert "PACKIT_BROKER_QUEUE_TYPE=quorum" in run_check(classic)[2]
 
 
 def test_workers_survive_sigkill_of_a_node_and_every_task_runs(

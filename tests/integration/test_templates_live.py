@@ -27,11 +27,13 @@ from kombu.utils.url import url_to_parts
 
 from packit_broker import celery_config
 from packit_broker.config import HostPort
+from packit_broker.queues import REPLICAS_SERVER_PROPERTY
 from packit_broker.render import load_template, process
 from packit_broker.router import ALLOWLIST_ANNOTATION, TUNNEL_TIMEOUT_ANNOTATION
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process
 from packit_broker.stack.rabbitmq import amqps_login
+from tests.integration.test_check import run_check
 from tests.rig.rendered import (
     RenderedBroker,
     RenderedCluster,
@@ -144,6 +146,21 @@ def test_secret_credentials_get_in_through_the_rendered_route(live: Live) -> Non
         assert conn.connected
     finally:
         conn.release()
+
+
+def test_one_node_announces_itself_and_check_says_so(live: Live) -> None:
+    """The ConfigMap's advanced.config reaches the node: it announces REPLICAS (1) to clients,
+    and `check` through the router reports one node (nothing to replicate) - no warning."""
+    connection = _amqp_connection(live, live.env())
+    connection.connect()
+    try:
+        assert connection.server_properties[REPLICAS_SERVER_PROPERTY] in ("1", b"1")
+    finally:
+        connection.close()
+    code, results, _ = run_check(live.env())
+    (found,) = [r for r in results if r["layer"] == "cluster"]
+    assert found["status"] == "info" and "one RabbitMQ node" in found["seen"], found
+    assert code == 0, results
 
 
 def test_router_is_configured_from_the_rendered_route(live: Live) -> None:

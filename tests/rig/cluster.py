@@ -212,8 +212,8 @@ class NamespaceCluster(RenderedNodes):
     def _host(self, index: int, netns: str, veth: str, address: str, peers: Sequence[str]) -> Host:
         folder = self.root / f"host{index}"
         folder.mkdir(parents=True, exist_ok=True)
-        conf = folder / "rabbitmq.conf"
-        conf.write_text(
+        conf = self.broker.write_files(
+            folder,
             local_rabbitmq_conf(
                 self.broker.rabbitmq_conf,
                 pki=self.pki,
@@ -221,14 +221,8 @@ class NamespaceCluster(RenderedNodes):
                 prometheus_port=PROMETHEUS_PORT,
                 classic_nodes=[f"rabbit@{peer}" for peer in peers],
                 listen_host=address,
-            )
+            ),
         )
-        conf.chmod(0o600)
-        (folder / "enabled_plugins").write_text(self.broker.enabled_plugins)
-        if self.broker.erlang_cookie is not None:
-            cookie = folder / ".erlang.cookie"  # what the init container copies into $HOME
-            cookie.write_text(self.broker.erlang_cookie)
-            cookie.chmod(0o600)
         env = {
             **self.broker.plain_env,  # RABBITMQ_USE_LONGNAME, RABBITMQ_REPLICAS, ...
             **self.broker.env,  # the Secret's credentials

@@ -46,6 +46,24 @@ class RenderedBroker:
     plain_env: Mapping[str, str] = field(default_factory=dict)
     #: The container's preStop hook (argv), as the kubelet runs it before SIGTERM.
     pre_stop: tuple[str, ...] = ()
+    #: The ConfigMap's advanced.config (Erlang terms: the server properties), if any.
+    advanced_config: str | None = None
+
+    def write_files(self, folder: Path, rabbitmq_conf: str) -> Path:
+        """What a Pod finds in /etc/rabbitmq (the ConfigMap: `rabbitmq_conf`, the rendered one
+        made local, enabled_plugins, advanced.config) and in $HOME (the Erlang cookie the init
+        container copies), written into `folder` as `node_env` expects; rabbitmq.conf's path."""
+        conf = folder / "rabbitmq.conf"
+        conf.write_text(rabbitmq_conf)
+        conf.chmod(0o600)
+        (folder / "enabled_plugins").write_text(self.enabled_plugins)
+        if self.advanced_config is not None:
+            (folder / "advanced.config").write_text(self.advanced_config)
+        if self.erlang_cookie is not None:
+            cookie = folder / ".erlang.cookie"
+            cookie.write_text(self.erlang_cookie)
+            cookie.chmod(0o600)
+        return conf
 
 
 def _one(rendered: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -106,6 +124,7 @@ def rendered_broker(rendered: Mapping[str, Any]) -> RenderedBroker:
         route=_one(rendered, "Route"),
         plain_env=plain_env,
         pre_stop=tuple(str(arg) for arg in pre_stop.get("command", ())),
+        advanced_config=config_map["data"].get("advanced.config"),
     )
 
 
@@ -255,22 +274,16 @@ class RenderedCluster(RenderedNodes):
         folder = self.root / name.split("@")[0]
         folder.mkdir(parents=True, exist_ok=True)
         amqps_port, prometheus_port = free_port(), free_port()
-        conf = folder / "rabbitmq.conf"
-        conf.write_text(
+        conf = self.broker.write_files(
+            folder,
             local_rabbitmq_conf(
                 self.broker.rabbitmq_conf,
                 pki=self.pki,
                 amqps_port=amqps_port,
                 prometheus_port=prometheus_port,
                 classic_nodes=peers,
-            )
+            ),
         )
-        conf.chmod(0o600)
-        (folder / "enabled_plugins").write_text(self.broker.enabled_plugins)
-        if self.broker.erlang_cookie is not None:
-            cookie = folder / ".erlang.cookie"  # what the init container copies into $HOME
-            cookie.write_text(self.broker.erlang_cookie)
-            cookie.chmod(0o600)
         env = {**self.broker.env, **node_env(folder, name, conf, self.epmd_port, free_port())}
         process = Process(name, [self.server_binary], folder / "rabbitmq.log", env=env, cwd=folder)
         return RenderedNode(name, folder, amqps_port, prometheus_port, env, process)

@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 
 from packit_broker import render as engine
+from packit_broker.queues import REPLICAS_SERVER_PROPERTY
 
 K8S_VERSION = kubernetes_validate.latest_version()
 REPO = Path(__file__).resolve().parents[2]
@@ -409,6 +410,17 @@ def test_rabbitmq_config_carries_no_credentials() -> None:
     assert not any(k.startswith(("default_user", "default_pass")) for k in rabbitmq_conf(document))
     assert config["data"]["enabled_plugins"].strip() == (
         "[rabbitmq_peer_discovery_k8s,rabbitmq_prometheus]."
+    )
+
+
+@pytest.mark.parametrize("replicas", ["1", "3"])
+def test_rabbitmq_announces_its_replicas_to_clients(replicas: str) -> None:
+    """advanced.config (loaded from the ConfigMap mounted on /etc/rabbitmq) adds the server
+    property `check` reads to tell a cluster from one node; one well-formed Erlang term."""
+    config = one(rendered("rabbitmq", REPLICAS=replicas), "ConfigMap")
+    term = config["data"]["advanced.config"].strip()
+    assert term == (
+        f'[{{rabbit, [{{server_properties, [{{{REPLICAS_SERVER_PROPERTY}, "{replicas}"}}]}}]}}].'
     )
 
 
