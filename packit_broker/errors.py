@@ -189,7 +189,7 @@ def queue_refuses_all(endpoint: str, queue: str, waited: float) -> Diagnosis:
     """Every message for `queue` nacked through the whole retry window: not a poison message."""
     return Diagnosis(
         RABBITMQ,
-        "queue-unavailable",
+        QUEUE_UNAVAILABLE,
         endpoint,
         f"RabbitMQ refused (basic.nack) every message for {queue!r} and accepted none for"
         f" {waited:.0f} s: the queue has no leader (a quorum queue that lost its majority, nodes"
@@ -239,8 +239,19 @@ def connection_lost(exc: BaseException) -> bool:
     return isinstance(exc, OSError | EOFError)
 
 
+QUEUE_UNAVAILABLE = "queue-unavailable"
+
+
+def queue_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` is a queue that nacked everything through the retry window (no leader,
+    or full): a following bridge waits that out as it waits out a lost node."""
+    return isinstance(exc, Diagnosed) and exc.diagnosis.layer == QUEUE_UNAVAILABLE
+
+
 def describe_loss(exc: BaseException) -> str:
     """What a lost connection looked like, in words an operator can act on."""
+    if isinstance(exc, Diagnosed):
+        return exc.diagnosis.seen
     text = str(exc) or type(exc).__name__
     name = type(exc).__name__
     if name == "ConnectionForced" and "heartbeat" in text.lower():

@@ -11,8 +11,9 @@ A nack is first taken for what it usually is, a passing state of the queue (a qu
 electing a new leader after a node loss, a node restarting): the nacked messages are published
 again with growing pauses, up to `nack_retry_seconds`. Only a message the queue keeps refusing
 while it accepts others after it is a poison message, refused alone. A queue that accepts
-nothing for the whole window fails the run instead (its batch stays in Redis): quarantining a
-healthy batch because its queue had no leader would strand it. A retried message lands behind
+nothing for the whole window fails the run instead (its batch stays in Redis; a following run
+waits that out over a new connection): quarantining a healthy batch because its queue had no
+leader would strand it. A retried message lands behind
 those published meanwhile (FIFO within its priority is kept for all others).
 
 What fails the whole run instead raises `Diagnosed` (or the client library's error): a queue

@@ -319,7 +319,10 @@ class Migration:
             try:
                 self._use(sink, plan)
             except Exception as exc:
-                if not errors.connection_lost(exc):
+                # --follow waits out a queue that refuses everything (a quorum queue without
+                # a leader) as it waits out a lost node: over a new connection, after a pause.
+                unavailable = self.options.follow and errors.queue_unavailable(exc)
+                if not errors.connection_lost(exc) and not unavailable:
                     sink.close()
                     raise
                 sink.abandon()
@@ -383,10 +386,15 @@ class Migration:
             self._backoff = Backoff(window)
         backoff = self._backoff
         bound = "until stopped" if window is None else f"for up to {window:g} s"
+        what = (
+            "PAUSED: a queue at"
+            if errors.queue_unavailable(lost)
+            else "LOST the connection to RabbitMQ at"
+        )
         self.notify(
-            f"LOST the connection to RabbitMQ at {self.broker.display_url}: "
-            f"{errors.describe_loss(lost)}. Reconnecting {bound}; the {adopted} tasks that"
-            " were in flight stay in Redis, are sent again and listed under possible_duplicates"
+            f"{what} {self.broker.display_url}: {errors.describe_loss(lost)}. Reconnecting"
+            f" {bound}; the {adopted} tasks that were in flight stay in Redis, are sent again"
+            " and listed under possible_duplicates"
         )
         last = lost
         tried = False  # every loss gets one attempt, even in a spent window

@@ -28,6 +28,7 @@ from packit_broker.stack.processes import Process, free_port, require, wait_unti
 from tests.integration import backlog
 from tests.integration.rabbitmqctl import max_message_size, memory_alarm, policy
 from tests.integration.test_migrate import drain, queue_depth, run_migrate
+from tests.integration.test_migrate_follow import wait_for_notice
 
 pytestmark = pytest.mark.integration
 
@@ -433,3 +434,44 @@ def test_refusals_that_pass_within_the_retry_window_deliver_everything_in_order(
     assert running.returncode == 0, out + err
     assert ids_in(stack, queue) == ids
     assert redis.Redis.from_url(redis_url).llen("packit_broker.quarantine") == 0
+
+
+def test_follow_waits_out_a_queue_refusing_everything(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """A bridge must outlive a quorum queue's leaderless spell: with --follow, a queue that
+    nacks everything through --nack-retry-seconds pauses the run (loudly) and it tries again
+    over a new connection, instead of exiting; once the queue accepts, every task arrives in
+    order, none quarantined, what was in flight listed."""
+    queue = queue_names[0]
+    ids = fill(redis_url, queue, 30)
+    report_file = tmp_path / "report.json"
+    with policy(stack, f"refuse-{queue}", f"^{queue}$", REFUSE_ALL):
+        bridge = subprocess.Popen(
+            [sys.executable, "-m", "packit_broker", "migrate", "--from", redis_url, "--json",
+             "--queue", queue, "--follow", "--until-idle", "3", "--nack-retry-seconds", "1",
+             "--report", str(report_file)],
+            env={**os.environ, **client_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            notice = wait_for_notice(bridge, "PAUSED")
+            assert f"every message for {queue!r}" in notice and "until stopped" in notice
+            wait_for_notice(bridge, "reconnected")  # and refused again: still running
+            time.sleep(2)
+            assert bridge.poll() is None, bridge.communicate()
+            assert queue_depth(stack, queue) == 0
+        except BaseException:
+            bridge.kill()
+            raise
+    out, err = bridge.communicate(timeout=120)
+    assert bridge.returncode == 0, out + err
+    assert ids_in(stack, queue) == ids
+    report = json.loads(report_file.read_text())
+    assert report["quarantined"] == 0 and report["complete"]
+    assert redis.Redis.from_url(redis_url).llen(queue) == 0
+    assert_secret_free(stack, out + err)

@@ -140,6 +140,17 @@ def test_what_counts_as_a_lost_connection(exc: BaseException, lost: bool) -> Non
     assert errors.connection_lost(exc) is lost
 
 
+def test_a_queue_refusing_everything_is_told_apart_for_follow() -> None:
+    """--follow waits out a queue that nacks everything; nothing else that the sink diagnosed
+    (a queue with other arguments, an alarm outlasting its timeout) is waited out."""
+    refusing = errors.Diagnosed(errors.queue_refuses_all("amqps://h:443/", "short-running", 30))
+    assert errors.queue_unavailable(refusing)
+    assert "every message for 'short-running'" in errors.describe_loss(refusing)
+    alarm = errors.Diagnosed(errors.blocked("amqps://h:443/", "low on memory", 60))
+    assert not errors.queue_unavailable(alarm)
+    assert not errors.queue_unavailable(TimeoutError("timed out"))
+
+
 @pytest.mark.parametrize(
     ("last", "layer"),
     [
