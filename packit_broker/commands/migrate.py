@@ -28,8 +28,15 @@ from packit_broker.errors import RABBITMQ, REDIS, Diagnosed, classify
 from packit_broker.kombu_layout import KombuLayout, LayoutError
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Report, make_plan
 from packit_broker.migrate.metrics import FollowMetrics
-from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
-from packit_broker.migrate.rollback import Rollback, RollbackOptions, RollbackPlan
+from packit_broker.migrate.redis_source import (
+    POSSIBLE_DUPLICATES,
+    REDELIVERED,
+    LockHeld,
+    LockLost,
+    MutexBusy,
+    RedisSource,
+)
+from packit_broker.migrate.rollback import Rollback, RollbackOptions, RollbackPlan, RollbackReport
 from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
 from packit_broker.recovery import RECONNECT_WINDOW
 
@@ -337,11 +344,9 @@ def migrate(
     total = sum(q.total for q in plan.queues) + plan.unacked_total
     progress = _Progress(total, as_json, follow=follow)
     stop = threading.Event()
-    metrics = FollowMetrics() if follow else None
+    metrics = _serve_metrics(metrics_port) if follow else None
     if follow:
         _stop_on_signals(stop)
-        if metrics is not None and metrics_port is not None:
-            metrics.serve(metrics_port)
     try:
         migration = Migration(
             source,
@@ -414,7 +419,8 @@ def _rollback(
     stop = threading.Event()
     # No bar before the plan has counted the messages (the real one is made then).
     progress = _Progress(0, as_json, follow=True)
-    metrics = FollowMetrics() if options.follow else None
+    # Served before anything is dialled: a port in use is a usage error, not Redis's.
+    metrics = _serve_metrics(metrics_port) if metrics_port is not None else None
     rollback = Rollback(broker, store, queue_settings, options, stop=stop, metrics=metrics)
     side, where = RABBITMQ, (broker.display_url, broker.host)
     try:
@@ -431,8 +437,6 @@ def _rollback(
             rollback.progress, rollback.notify = progress, progress.notify
             if options.follow:
                 _stop_on_signals(stop)
-                if metrics is not None and metrics_port is not None:
-                    metrics.serve(metrics_port)
             side = ""
             report = rollback.run(plan)
     except Refused as exc:
@@ -473,6 +477,21 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(signum, lambda *_: stop.set())
 
 
+def _serve_metrics(port: int | None) -> FollowMetrics:
+    """A following run's metrics, served on `port` if given; a port that cannot be bound
+    is a usage error (exit 2), said before anything moves."""
+    metrics = FollowMetrics()
+    if port is not None:
+        try:
+            metrics.serve(port)
+        except OSError as exc:
+            raise click.UsageError(
+                f"--metrics-port {port}: cannot serve metrics there ({exc.strerror or exc});"
+                " choose a free port"
+            ) from None
+    return metrics
+
+
 def _refuse(progress: _Progress, text: str) -> NoReturn:
     """Refused before anything moved (exit 3): `text` names the side, the reason, the fix."""
     progress.close()
@@ -502,7 +521,9 @@ def _end(
     or 0 for a following run stopped by a signal."""
     progress.close()
     _finish(report, report_file, as_json)
-    store.clear_possible_duplicates(len(report.possible_duplicates))
+    store.forget_reported(POSSIBLE_DUPLICATES, report.possible_duplicates)
+    if isinstance(report, RollbackReport):
+        store.forget_reported(REDELIVERED, report.redelivered)
     sys.exit(EXIT_OK if stopped else _exit_code(report))
 
 
@@ -615,6 +636,11 @@ def _print_summary(data: dict[str, Any]) -> None:
         click.echo(
             f"  possible duplicates (in flight at a crash or a lost connection):"
             f" {data['possible_duplicates']}"
+        )
+    if data.get("redelivered"):
+        click.echo(
+            "  redelivered by RabbitMQ (a consumer had them before: a stopped worker, perhaps"
+            f" mid-task, an earlier run, a node restart): {data['redelivered']}"
         )
     click.echo(f"  done in {data['seconds']:.1f}s")
 

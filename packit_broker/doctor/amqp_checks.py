@@ -138,20 +138,23 @@ def _cluster(report: _Report, server_properties: Mapping[str, Any], queues: Queu
         replicas = int(str(raw))
     except ValueError:
         return  # not the bundled template (or an older one): nothing known
+    # The template's parameter as the node read it at boot, not a live count of nodes up.
+    deployed = f"RabbitMQ deployed with REPLICAS={replicas}"
     if replicas <= 1:
-        report.info("cluster", "one RabbitMQ node (REPLICAS=1): no replication to check")
+        report.info("cluster", f"{deployed}: one node, no replication to check")
     elif queues.queue_type is QueueType.CLASSIC:
         report.warn(
             "cluster",
-            f"RabbitMQ runs {replicas} nodes, but the queues are classic"
+            f"{deployed} (several nodes), but the queues are classic"
             " (PACKIT_BROKER_QUEUE_TYPE=classic): a classic queue lives on one node, its tasks"
             " are unreachable while that node is down and lost with its volume",
-            "set PACKIT_BROKER_QUEUE_TYPE=quorum for workers, producers and the bridge (the"
-            " queues are replicated on every node); an existing classic queue must be drained"
-            " and deleted first (RabbitMQ refuses to redeclare it), see docs/deploy.md",
+            "set PACKIT_BROKER_QUEUE_TYPE=quorum for workers, producers and the bridge (a quorum"
+            " queue is replicated on up to quorum_cluster_size nodes, 3 by default); an"
+            " existing classic queue must be drained and deleted first (RabbitMQ refuses to"
+            " redeclare it), see docs/deploy.md",
         )
     else:
-        report.ok("cluster", f"RabbitMQ runs {replicas} nodes; quorum queues are replicated")
+        report.ok("cluster", f"{deployed}; the queues are quorum queues (replicated)")
 
 
 def _check_queues(report: _Report, connection: Any, queues: QueueSettings) -> bool:

@@ -289,10 +289,11 @@ class AmqpSource:
             raise MalformedMessage(_where(exc.reason, lane.key, raw)) from None
 
     def mark_inflight(self, where: str, task_ids: Sequence[str]) -> None:
-        """Journal the ids about to be sent; those RabbitMQ redelivered are also doubted: a
-        consumer had them before (an earlier run whose acknowledgement RabbitMQ lost with a
-        node, after that run's journal was cleared; or a worker), so Redis may already hold
-        them or the task may have run. Redis lists them with the batch, in its transaction."""
+        """Journal the ids about to be sent; those RabbitMQ redelivered are also listed (the
+        report's `redelivered`, written with the batch in its transaction): a consumer had
+        them before - a worker that stopped, perhaps mid-task; an earlier run whose ack RabbitMQ
+        lost with a node after that run's journal was cleared; or one that stopped with them
+        buffered; or a node restart - so the task may have started, or be in Redis already."""
         self._mark(where, task_ids)
         doubtful = [t for t in task_ids if t in self._redelivered]
         if doubtful:

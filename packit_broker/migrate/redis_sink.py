@@ -21,7 +21,7 @@ from packit_broker.messages import MalformedMessage, TaskMessage
 from packit_broker.migrate.protocols import Rejection, Ticket
 from packit_broker.migrate.redis_source import (
     INFLIGHT,
-    POSSIBLE_DUPLICATES,
+    REDELIVERED,
     RedisSource,
     inflight_payload,
 )
@@ -50,7 +50,7 @@ class Journal:
         self.key = store.own(INFLIGHT)
         self.staged: str | None = None
         self._write_next = False
-        #: ids to list as possible duplicates with the next batch (`doubt`), and those listed
+        #: ids RabbitMQ redelivered, to list with the next batch (`doubt`), and those listed
         self.doubted: list[str] = []
         self._doubting: list[str] = []
         self.listed: list[str] = []
@@ -73,7 +73,7 @@ class Journal:
             self.store.client.delete(self.key)
 
     def doubt(self, task_ids: Sequence[str]) -> None:
-        """List these ids as possible duplicates in the same transaction as the next batch."""
+        """List these (redelivered) ids under REDELIVERED in the next batch's transaction."""
         self.doubted.extend(task_ids)
 
     def write_into(self, pipe: Any) -> None:
@@ -81,12 +81,17 @@ class Journal:
             pipe.set(self.key, self.staged)
             self.staged = None
         if self.doubted:
-            pipe.rpush(self.store.own(POSSIBLE_DUPLICATES), *self.doubted)
+            pipe.rpush(self.store.own(REDELIVERED), *self.doubted)
             self._doubting, self.doubted = self.doubted, []
 
     def accepted(self) -> None:
         """The transaction `write_into` joined was executed: what it doubted is listed."""
         self.listed.extend(self._doubting)
+        self._doubting = []
+
+    def rejected(self) -> None:
+        """The transaction failed: what it was to list is doubted again with the next one."""
+        self.doubted[:0] = self._doubting
         self._doubting = []
 
 
@@ -125,7 +130,11 @@ class RedisSink:
         for key, run in _runs(messages):
             pipe.lpush(key, *run)
         self.journal.write_into(pipe)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except BaseException:
+            self.journal.rejected()
+            raise
         self.journal.accepted()
         return Ticket(len(messages), 0)
 

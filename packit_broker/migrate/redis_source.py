@@ -41,6 +41,8 @@ from packit_broker.migrate.report import Report
 QUARANTINE = "packit_broker.quarantine"
 INFLIGHT = "packit_broker.inflight"
 POSSIBLE_DUPLICATES = "packit_broker.possible_duplicates"
+#: Rollback: ids of messages RabbitMQ marked redelivered (see packit_broker.migrate.amqp_source)
+REDELIVERED = "packit_broker.redelivered"
 LOCK = "packit_broker.lock"
 OWN_PREFIX = "packit_broker."
 CLIENT_NAME = "packit-broker-migrate"
@@ -115,6 +117,20 @@ local ids = cjson.decode(raw)['ids']
 for i = 1, #ids do redis.call('RPUSH', KEYS[2], ids[i]) end
 redis.call('DEL', KEYS[1])
 return #ids
+"""
+
+# KEYS: a list. ARGV: the entries a written report lists, in order. Dropped only if the list
+# still starts with exactly them (a run that started meanwhile may have trimmed or appended).
+_FORGET_REPORTED = """
+local n = #ARGV
+if n == 0 then return 1 end
+local head = redis.call('LRANGE', KEYS[1], 0, n - 1)
+if #head ~= n then return 0 end
+for i = 1, n do
+  if head[i] ~= ARGV[i] then return 0 end
+end
+redis.call('LTRIM', KEYS[1], n, -1)
+return 1
 """
 
 # KEYS: lock. ARGV: new value, ttl ms, the value to replace ('' = only if absent).
@@ -197,6 +213,7 @@ class RedisSource:
         self._trim = client.register_script(_TRIM_LIST)
         self._drop_unacked = client.register_script(_DROP_UNACKED)
         self._adopt = client.register_script(_ADOPT_INFLIGHT)
+        self._forget = client.register_script(_FORGET_REPORTED)
 
     @classmethod
     def from_url(cls, url: str, layout: KombuLayout) -> RedisSource:
@@ -395,13 +412,18 @@ class RedisSource:
             self.client.rpush(self.own(POSSIBLE_DUPLICATES), *task_ids)
 
     def possible_duplicates(self) -> list[str]:
-        raw = self.client.lrange(self.own(POSSIBLE_DUPLICATES), 0, -1)
+        return self.listed(POSSIBLE_DUPLICATES)
+
+    def listed(self, name: str) -> list[str]:
+        """One of our id lists (POSSIBLE_DUPLICATES, REDELIVERED), oldest first."""
+        raw = self.client.lrange(self.own(name), 0, -1)
         return [item.decode(errors="replace") for item in raw]
 
-    def clear_possible_duplicates(self, count: int) -> None:
-        """Drop the first `count` entries: those a written report now lists (a concurrent
-        adoption appends after them)."""
-        self.client.ltrim(self.own(POSSIBLE_DUPLICATES), count, -1)
+    def forget_reported(self, name: str, reported: Sequence[str]) -> bool:
+        """Drop the ids a written report lists from the head of list `name`, only if it still
+        starts with exactly them: a run that began after ours released the lock may already
+        have trimmed or appended (then they stay, and are reported again: never lost)."""
+        return bool(self._forget(keys=[self.own(name)], args=list(reported)))
 
     # -- removal after confirmation --------------------------------------------------------
 

@@ -25,7 +25,7 @@ from packit_broker.migrate.driver import Driver, Progress
 from packit_broker.migrate.metrics import FollowMetrics
 from packit_broker.migrate.protocols import Lane
 from packit_broker.migrate.redis_sink import Journal, RedisEntry, RedisSink, durability
-from packit_broker.migrate.redis_source import RedisSource, RunLock, locked_run
+from packit_broker.migrate.redis_source import REDELIVERED, RedisSource, RunLock, locked_run
 from packit_broker.migrate.report import Report, skipped_list
 from packit_broker.migrate.run import Refused
 from packit_broker.queues import QueueSettings, QueueSpec
@@ -111,11 +111,15 @@ class RollbackReport(Report):
 
     left_in_rabbitmq: list[dict[str, Any]] = field(default_factory=list)
     redis_durability: str = "unknown"  # see packit_broker.migrate.redis_sink.Durability
+    #: ids RabbitMQ marked redelivered: a consumer had them before (a worker that stopped,
+    #: perhaps mid-task; an earlier run that stopped or lost an ack with a node; a node restart)
+    redelivered: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "direction": "rollback",
             **super().as_dict(),
+            "redelivered": list(dict.fromkeys(self.redelivered)),
             "left_in_rabbitmq": self.left_in_rabbitmq,
             "redis_durability": self.redis_durability,
         }
@@ -209,10 +213,11 @@ class Rollback:
         if plan.refusal and not self.options.force and not self.options.follow:
             raise Refused(plan.refusal)
         with locked_run(self.store, self.report, self.options.lock_ttl_seconds) as self.lock:
+            self.report.redelivered = self.store.listed(REDELIVERED)  # a crashed run's
             try:
                 self._run_locked(plan)
-            finally:  # in Redis's list after the adopted ones, in the same order
-                self.report.possible_duplicates.extend(self.journal.listed)
+            finally:  # in Redis's list after those, in the same order
+                self.report.redelivered.extend(self.journal.listed)
         self.report.seconds = time.monotonic() - started
         return self.report
 

@@ -292,7 +292,7 @@ def test_check_warns_when_classic_queues_run_on_the_cluster(cluster: NamespaceCl
         assert cluster.password not in output
         (found,) = [r for r in results if r["layer"] == "cluster"]
         assert found["status"] == status, found
-        assert "3 nodes" in found["seen"]
+        assert "REPLICAS=3" in found["seen"]
         assert code == 0, results  # a warning is not a failure
     assert "PACKIT_BROKER_QUEUE_TYPE=quorum" in run_check(classic)[2]
 
@@ -497,6 +497,7 @@ def test_migrate_while_its_node_is_killed_loses_nothing(
     # Held still while its node is looked up (rabbitmqctl takes seconds; RabbitMQ 4.0 moved the
     # other 16,000 faster than that, so the kill landed after the run): it must land mid-run.
     os.kill(proc.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     try:
         serving = cluster.serving(
             f"packit-broker migrate (publisher) on {os.uname().nodename} pid {proc.pid}"
@@ -506,6 +507,8 @@ def test_migrate_while_its_node_is_killed_loses_nothing(
         cluster.kill(victim)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
+    # Shorter than two heartbeats (10 s each): RabbitMQ did not drop the held run by itself.
+    held = time.monotonic() - stopped_at
     out, stderr = proc.communicate(timeout=300)
     assert cluster.password not in stderr + out
     notices = [e["text"] for e in map(json.loads, out.splitlines()) if e["event"] == "notice"]
@@ -514,9 +517,10 @@ def test_migrate_while_its_node_is_killed_loses_nothing(
     back = next(
         (n for n in notices if n.startswith("reconnected")), f"not reconnected: {last_line}"
     )
-    assert any(n.startswith("LOST the connection to RabbitMQ") for n in notices) or (
-        first == 1 and "RabbitMQ" in stderr
-    ), f"the run did not notice its node was killed: exit {first}, {notices}, {stderr}"
+    assert held < 15, f"the run was held {held:.1f} s: its connection may have timed out"
+    assert any(n.startswith("LOST the connection to RabbitMQ") for n in notices), (
+        f"the run did not notice its node was killed: exit {first}, {notices}, {stderr}"
+    )
     reruns: list[int] = []
     while first != 0 and len(reruns) < 6 and (not reruns or reruns[-1] != 0):
         if reruns:

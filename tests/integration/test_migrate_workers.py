@@ -20,7 +20,13 @@ import pytest
 import redis
 
 from packit_broker.kombu_layout import KombuLayout
-from packit_broker.migrate.redis_source import LockHeld, RedisSource, RunLock, UnackedEntry
+from packit_broker.migrate.redis_source import (
+    POSSIBLE_DUPLICATES,
+    LockHeld,
+    RedisSource,
+    RunLock,
+    UnackedEntry,
+)
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process, wait_until
 from tests.integration import backlog
@@ -306,6 +312,20 @@ def test_unacked_removed_only_while_unchanged(redis_url: str) -> None:
     gone = UnackedEntry("gone", b'["c"]', 1.0)
     assert sorted(source.remove_unacked([*read, gone], [])) == ["changed", "gone"]
     assert client.hgetall("unacked") == {b"changed": b'["b", "restored and redelivered"]'}
+
+
+def test_reported_ids_are_forgotten_only_while_the_list_starts_with_them(redis_url: str) -> None:
+    """A report's ids leave Redis only if nobody changed the list's head since: a run that
+    began after ours released its lock may have reported (and trimmed) them already."""
+    source = RedisSource.from_url(redis_url, KombuLayout())
+    source.client.delete(source.own(POSSIBLE_DUPLICATES))
+    source.add_possible_duplicates(["a", "b", "c"])
+    assert source.forget_reported(POSSIBLE_DUPLICATES, ["a", "b"])
+    assert source.possible_duplicates() == ["c"]
+    assert not source.forget_reported(POSSIBLE_DUPLICATES, ["a"])  # changed under us: kept
+    assert not source.forget_reported(POSSIBLE_DUPLICATES, ["c", "d"])  # fewer than reported
+    assert source.possible_duplicates() == ["c"]
+    assert source.forget_reported(POSSIBLE_DUPLICATES, [])
 
 
 def test_run_lock_is_renewed_refused_and_taken_over_only_when_dead(redis_url: str) -> None:

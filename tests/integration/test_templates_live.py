@@ -159,7 +159,7 @@ def test_one_node_announces_itself_and_check_says_so(live: Live) -> None:
         connection.close()
     code, results, _ = run_check(live.env())
     (found,) = [r for r in results if r["layer"] == "cluster"]
-    assert found["status"] == "info" and "one RabbitMQ node" in found["seen"], found
+    assert found["status"] == "info" and "REPLICAS=1: one node" in found["seen"], found
     assert code == 0, results
 
 

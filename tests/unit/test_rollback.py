@@ -4,6 +4,7 @@ sink's grouping of a batch, the plan's refusals, deliveries and how held ones ar
 from __future__ import annotations
 
 import base64
+import socket
 from datetime import datetime
 
 import amqp
@@ -52,6 +53,23 @@ def test_direction_usage_errors_exit_2_without_secrets(
     result = CliRunner().invoke(migrate, args, env={"PACKIT_BROKER_URL": "", **env})
     assert result.exit_code == 2, result.output
     assert says in result.output
+    assert "s3cret-pw" not in result.output and "r3dis-pw" not in result.output
+
+
+def test_metrics_port_in_use_is_a_usage_error_before_anything_is_dialled() -> None:
+    """Not a "[redis] connection" failure (an OSError the run's handler would misname)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"PACKIT_BROKER_URL": "", "PACKIT_MIGRATE_FROM": AMQP_URL}
+        result = CliRunner().invoke(
+            migrate,
+            ["--follow", "--metrics-port", str(port)],
+            env={**env, "PACKIT_MIGRATE_TO": REDIS_URL},
+        )
+    assert result.exit_code == 2, result.output
+    assert f"--metrics-port {port}" in result.output and "[redis]" not in result.output
     assert "s3cret-pw" not in result.output and "r3dis-pw" not in result.output
 
 
