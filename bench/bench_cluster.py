@@ -2,23 +2,25 @@
 throughput dip and recovery while the most-connected node of the three is SIGKILLed.
 
 Run by hand (root: the rig makes network namespaces):
-`.venv/bin/python -m bench.bench_cluster [--tasks 3000]`.
+`.venv/bin/python -m bench.bench_cluster [--tasks 3000] [--rounds 3]`.
 Everything in one run on one machine: the same two prefork workers (2 processes each, acks_late,
 prefetch 1, configured by `celery_config()`), one producer publishing with confirms, the same
-rendered template (REPLICAS=1, then 3). Prints a table with ratios.
+rendered template (REPLICAS=1 and 3, fresh clusters, in alternating order round after round).
+Prints a table of medians with ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from packit_broker.render import load_template, process
-from packit_broker.stack.certs import make_pki
+from packit_broker.stack.certs import Pki, make_pki
 from tests.integration.test_cluster import (
     Producer,
     Worker,
@@ -95,47 +97,71 @@ def node_loss(cluster: NamespaceCluster, folder: Path, tasks: int) -> tuple[floa
     return baseline, lowest, back
 
 
-def run(tasks: int) -> None:
+def one(root: Path, pki: Pki, replicas: int, round_: int, tasks: int) -> dict[str, float]:
+    """Start a fresh cluster of `replicas` nodes, measure, stop it."""
+    rendered = process(
+        load_template("rabbitmq"), {"ROUTE_HOST": ROUTE_HOST, "REPLICAS": str(replicas)}
+    )
+    cluster = NamespaceCluster(
+        root / f"n{replicas}-{round_}",
+        rendered_broker(rendered),
+        pki,
+        server_hostname=ROUTE_HOST,
+        replicas=replicas,
+    )
+    cluster.start()
+    try:
+        found = {"start": cluster.started_in}
+        found["rate"] = throughput(cluster, root / f"w{replicas}-{round_}", tasks)
+        if replicas == 3:
+            base, low, back = node_loss(cluster, root / f"loss-{round_}", tasks * 2)
+            found.update(base=base, low=low, back=back)
+        return found
+    finally:
+        cluster.stop()
+
+
+def run(tasks: int, rounds: int) -> None:
+    """Rounds alternate the order (1 then 3 nodes, then 3 then 1, ...), each on fresh
+    clusters, so a machine that gets busier or quieter weighs on both; medians are compared."""
     root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     pki = make_pki(root / "pki", (ROUTE_HOST,), "apps.bench.test")
-    results: dict[str, float] = {}
-    for replicas in (1, 3):
-        rendered = process(
-            load_template("rabbitmq"), {"ROUTE_HOST": ROUTE_HOST, "REPLICAS": str(replicas)}
-        )
-        cluster = NamespaceCluster(
-            root / f"n{replicas}",
-            rendered_broker(rendered),
-            pki,
-            server_hostname=ROUTE_HOST,
-            replicas=replicas,
-        )
-        cluster.start()
-        try:
-            results[f"start{replicas}"] = cluster.started_in
-            results[f"rate{replicas}"] = throughput(cluster, root / f"w{replicas}", tasks)
-            if replicas == 3:
-                base, low, back = node_loss(cluster, root / "loss", tasks * 2)
-                results.update(base=base, low=low, back=back)
-        finally:
-            cluster.stop()
-    print(f"tasks per run: {tasks} (node loss: {tasks * 2}); 2 prefork workers x 2 processes")
+    seen: dict[int, list[dict[str, float]]] = {1: [], 3: []}
+    for round_ in range(rounds):
+        for replicas in (1, 3) if round_ % 2 == 0 else (3, 1):
+            seen[replicas].append(one(root, pki, replicas, round_, tasks))
+            print(f"round {round_ + 1}, {replicas} node(s): {seen[replicas][-1]}", flush=True)
+
+    def median(replicas: int, key: str) -> float:
+        return statistics.median(r[key] for r in seen[replicas])
+
+    rate1, rate3 = median(1, "rate"), median(3, "rate")
+    print(
+        f"tasks per run: {tasks} (node loss: {tasks * 2}); 2 prefork workers x 2 processes;"
+        f" medians of {rounds} alternating rounds"
+    )
+    rows = [
+        ("cluster start, 1 node (s)", f"{median(1, 'start'):.1f}"),
+        ("cluster start, 3 nodes (s)", f"{median(3, 'start'):.1f}"),
+        ("tasks/s, 1 node, quorum queue", f"{rate1:.0f}"),
+        ("tasks/s, 3 nodes, quorum queue (3 replicas)", f"{rate3:.0f}"),
+        ("ratio 3 nodes / 1 node", f"{rate3 / rate1:.2f}"),
+        ("tasks/s before the node loss (3 nodes)", f"{median(3, 'base'):.0f}"),
+        ("lowest 1-s rate after SIGKILL", f"{median(3, 'low'):.0f}"),
+        ("dip: lowest / before", f"{median(3, 'low') / median(3, 'base'):.2f}"),
+        ("seconds until >= 80% of the rate before (3-s mean)", f"{median(3, 'back'):.1f}"),
+    ]
     print(f"{'measure':58} {'value':>10}")
-    print(f"{'cluster start, 1 node (s)':58} {results['start1']:10.1f}")
-    print(f"{'cluster start, 3 nodes (s)':58} {results['start3']:10.1f}")
-    print(f"{'tasks/s, 1 node, quorum queue':58} {results['rate1']:10.0f}")
-    print(f"{'tasks/s, 3 nodes, quorum queue (3 replicas)':58} {results['rate3']:10.0f}")
-    print(f"{'ratio 3 nodes / 1 node':58} {results['rate3'] / results['rate1']:10.2f}")
-    print(f"{'tasks/s before the node loss (3 nodes)':58} {results['base']:10.0f}")
-    print(f"{'lowest 1-s rate after SIGKILL':58} {results['low']:10.0f}")
-    print(f"{'dip: lowest / before':58} {results['low'] / results['base']:10.2f}")
-    print(f"{'seconds until >= 80% of the rate before (3-s mean)':58} {results['back']:10.1f}")
+    for name, value in rows:
+        print(f"{name:58} {value:>10}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=3000)
-    run(parser.parse_args().tasks)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    run(args.tasks, args.rounds)
 
 
 if __name__ == "__main__":

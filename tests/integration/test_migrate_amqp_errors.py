@@ -28,7 +28,7 @@ from packit_broker.stack.processes import Process, free_port, require, wait_unti
 from tests.integration import backlog
 from tests.integration.rabbitmqctl import max_message_size, memory_alarm, policy
 from tests.integration.test_migrate import drain, queue_depth, run_migrate
-from tests.integration.test_migrate_follow import wait_for_notice
+from tests.integration.test_migrate_follow import start_bridge, wait_for_notice
 
 pytestmark = pytest.mark.integration
 
@@ -451,12 +451,9 @@ def test_follow_waits_out_a_queue_refusing_everything(
     ids = fill(redis_url, queue, 30)
     report_file = tmp_path / "report.json"
     with policy(stack, f"refuse-{queue}", f"^{queue}$", REFUSE_ALL):
-        bridge = subprocess.Popen(
-            [sys.executable, "-m", "packit_broker", "migrate", "--from", redis_url, "--json",
-             "--queue", queue, "--follow", "--until-idle", "3", "--nack-retry-seconds", "1",
-             "--report", str(report_file)],
-            env={**os.environ, **client_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
+        bridge = start_bridge(
+            client_env, redis_url, "--queue", queue, "--until-idle", "3",
+            "--nack-retry-seconds", "1", "--report", str(report_file),
         )  # fmt: skip
         try:
             notice = wait_for_notice(bridge, "PAUSED")
