@@ -51,6 +51,10 @@ FIRST_NACK_RETRY = 0.25  # then doubling, within DEFAULT_NACK_RETRY_SECONDS
 #: RabbitMQ's max_message_size closes the channel over one, nothing else is left uncertain.
 FENCE_ABOVE = 64 * 1024
 POLL_EVERY = 64  # publishes between two looks at what the broker sent (acks, blocked)
+#: ... or fewer, once this many body bytes went out unread: a blocked connection is no longer
+#: read by RabbitMQ, and our writes must not fill the socket buffers (then a write would block
+#: for good) before `connection.blocked` is seen.
+POLL_BYTES = 1024 * 1024
 
 
 class PublishFailed(errors.Diagnosed):
@@ -117,6 +121,7 @@ class AmqpSink:
         self._broken = False
         self._size_limit: int | None = None  # RabbitMQ's max_message_size, once learnt
         self._published = 0
+        self._unpolled = 0  # body bytes published since the last poll
         self._accepted_at: dict[str, float] = {}  # routing key -> when RabbitMQ last acked one
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -327,11 +332,13 @@ class AmqpSink:
 
     def _publish_one(self, message: AmqpMessage) -> None:
         """basic.publish, mandatory. py-amqp's basic_publish polls the socket before every
-        publish (for connection.blocked); here that poll happens every POLL_EVERY messages,
-        which is as timely for an alarm and saves a system call per message."""
+        publish (for connection.blocked); here that poll happens every POLL_EVERY messages or
+        POLL_BYTES, which is as timely for an alarm and saves a system call per message."""
         try:
             self._published += 1
-            if self._published % POLL_EVERY == 0:
+            self._unpolled += len(message.body)
+            if self._published % POLL_EVERY == 0 or self._unpolled >= POLL_BYTES:
+                self._unpolled = 0
                 self._drain(0)
             self.channel.send_method(
                 spec.Basic.Publish,

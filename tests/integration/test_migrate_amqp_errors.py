@@ -113,6 +113,39 @@ def test_memory_alarm_fails_after_blocked_timeout_naming_it(
     assert twice <= set(json.loads(report_file.read_text())["possible_duplicates"])
 
 
+def test_memory_alarm_with_large_messages_is_named_not_taken_for_the_network(
+    stack: Stack, client_env: dict[str, str], queue_names: tuple[str, str, str], redis_url: str
+) -> None:
+    """64 KB tasks: a blocked publisher's socket is no longer read by RabbitMQ, so a batch of
+    them fills the buffers and a write stalls. The run must still see the alarm (it reads
+    what RabbitMQ sent between writes), wait --blocked-timeout and name it - not hang, not
+    report a dead network - and a rerun after the alarm moves everything."""
+    queue = queue_names[0]
+    padding = "x" * 60000  # under FENCE_ABOVE: published in a stream, not one by one
+    app = backlog.producer(redis_url, [queue])
+    client = redis.Redis.from_url(redis_url)
+    first = backlog.send(app, queue, "0" + padding)
+    template = client.lindex(queue, 0)
+    assert template is not None
+    labels = [f"{i}{padding}" for i in range(1, 400)]
+    expected = [first, *backlog.clone_many(client, queue, template, labels)]
+    with memory_alarm(stack):
+        started = time.monotonic()
+        done = run_migrate(
+            client_env, "--from", redis_url, "--queue", queue, "--blocked-timeout", "5",
+            timeout=120,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "[resource-alarm] RabbitMQ" in done.stderr and "low on memory" in done.stderr
+    assert "LOST" not in done.stdout + done.stderr and "[tcp]" not in done.stderr
+    assert took < 60, f"the blocked timeout was not honoured: {took:.0f} s"
+    assert client.llen(queue) == len(expected)
+    again = run_migrate(client_env, "--from", redis_url, "--queue", queue)
+    assert again.returncode == 0, again.stderr
+    assert set(ids_in(stack, queue)) == set(expected)
+
+
 def test_memory_alarm_lifted_within_blocked_timeout_is_waited_out(
     stack: Stack, client_env: dict[str, str], queue_names: tuple[str, str, str], redis_url: str
 ) -> None:

@@ -102,10 +102,15 @@ class Producer(threading.Thread):
 
 
 def ran(log: Path, count: int, timeout: float = 120) -> list[list[str]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and len(log.read_text().splitlines()) >= count:
+    """The workers' log rows once `count` tasks ran, or once none ran for `timeout` s: a
+    loaded machine's workers may trail the producers by minutes, a lost task never runs."""
+    seen, quiet_since = -1, time.monotonic()
+    while time.monotonic() - quiet_since < timeout:
+        rows = len(log.read_text().splitlines()) if log.exists() else 0
+        if rows >= count:
             break
+        if rows != seen:
+            seen, quiet_since = rows, time.monotonic()
         time.sleep(0.3)
     time.sleep(1)  # a duplicate would show up now
     return [line.split("\t") for line in log.read_text().splitlines()]

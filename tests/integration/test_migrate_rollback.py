@@ -991,16 +991,17 @@ def test_a_destination_of_another_layout_is_refused_before_anything_moves(
     assert len(drain_exact(stack, short)) == len(messages)  # nothing left RabbitMQ
 
 
-def test_redelivered_messages_are_listed_as_possible_duplicates(
+def test_redelivered_messages_are_listed_apart(
     stack: Stack,
     client_env: dict[str, str],
     queue_names: tuple[str, str, str],
     redis_url: str,
 ) -> None:
-    """A message RabbitMQ redelivers was with a consumer before (a worker, or an earlier run
-    whose acknowledgement a crashed node lost after that run's journal was cleared): the task
-    may already be in Redis or have run. The run lists it, and only it, as a possible
-    duplicate, in the report and in Redis for the next run to adopt if this one dies."""
+    """A message RabbitMQ redelivers was with a consumer before (a worker, perhaps mid-task,
+    or an earlier run whose ack a crashed node lost after that run's journal was cleared): the
+    task may have started, or be in Redis already. The run lists it, and only it, under
+    `redelivered` - apart from the journal's possible duplicates - written with its batch so a
+    crash right after keeps the list for the next run's report."""
     short = queue_names[0]
     spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
     seen = celery_messages(redis_url, spec, 4)
@@ -1023,7 +1024,10 @@ def test_redelivered_messages_are_listed_as_possible_duplicates(
     done = run_migrate(env, "--queue", short, "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
-    assert sorted(report["possible_duplicates"]) == sorted(m.task_id for m in seen)
+    assert sorted(report["redelivered"]) == sorted(m.task_id for m in seen), done.stdout
+    assert report["possible_duplicates"] == []  # the journal's list: in flight at a crash
     assert set(ids_in_redis(client, KombuLayout(), short)) == {m.task_id for m in seen + fresh}
     # Written with the batch, then cleared once the report said it.
-    assert client.llen("packit_broker.possible_duplicates") == 0
+    assert client.llen("packit_broker.redelivered") == 0
+    human = run_migrate(env, "--queue", short)  # nothing left: nothing listed
+    assert human.returncode == 0 and "redelivered" not in human.stdout
