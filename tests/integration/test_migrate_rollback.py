@@ -1016,6 +1016,10 @@ def test_redelivered_messages_are_listed_apart(
             assert time.monotonic() < deadline, f"only {len(taken)} delivered"
             with contextlib.suppress(TimeoutError):
                 conn.drain_events(timeout=1)
+    deadline = time.monotonic() + 30
+    while queue_depth(stack, short) < len(seen):  # requeued once its connection is gone
+        assert time.monotonic() < deadline, "RabbitMQ did not requeue the unacked messages"
+        time.sleep(0.1)
     fresh = celery_messages(redis_url, spec, 3)
     publish(stack, spec, fresh)
     client = redis.Redis.from_url(redis_url)
