@@ -28,15 +28,8 @@ from packit_broker.errors import RABBITMQ, REDIS, Diagnosed, classify
 from packit_broker.kombu_layout import KombuLayout, LayoutError
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Report, make_plan
 from packit_broker.migrate.metrics import FollowMetrics
-from packit_broker.migrate.redis_source import (
-    POSSIBLE_DUPLICATES,
-    REDELIVERED,
-    LockHeld,
-    LockLost,
-    MutexBusy,
-    RedisSource,
-)
-from packit_broker.migrate.rollback import Rollback, RollbackOptions, RollbackPlan, RollbackReport
+from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
+from packit_broker.migrate.rollback import Rollback, RollbackOptions, RollbackPlan
 from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
 from packit_broker.recovery import RECONNECT_WINDOW
 
@@ -521,9 +514,8 @@ def _end(
     or 0 for a following run stopped by a signal."""
     progress.close()
     _finish(report, report_file, as_json)
-    store.forget_reported(POSSIBLE_DUPLICATES, report.possible_duplicates)
-    if isinstance(report, RollbackReport):
-        store.forget_reported(REDELIVERED, report.redelivered)
+    for name, ids in report.evidence().items():
+        store.forget_reported(name, ids)
     sys.exit(EXIT_OK if stopped else _exit_code(report))
 
 

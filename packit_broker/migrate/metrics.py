@@ -90,6 +90,15 @@ class FollowMetrics:
 
         return both
 
+    def set_paused(self, paused: bool) -> None:
+        self.paused.set(1 if paused else 0)
+
+    def set_pending(self, queue: str, count: int) -> None:
+        self.pending.labels(queue).set(count)
+
+    def observe_batch(self, queue: str, seconds: float) -> None:
+        self.batch_latency.labels(queue).observe(seconds)
+
     def count(self, queue: str, moved: int) -> None:
         if moved:
             self.moved.labels(queue).inc(moved)

@@ -19,12 +19,8 @@ from typing import Any
 from packit_broker.codecs import to_redis
 from packit_broker.messages import MalformedMessage, TaskMessage
 from packit_broker.migrate.protocols import Rejection, Ticket
-from packit_broker.migrate.redis_source import (
-    INFLIGHT,
-    REDELIVERED,
-    RedisSource,
-    inflight_payload,
-)
+from packit_broker.migrate.redis_source import INFLIGHT, RedisSource, inflight_payload
+from packit_broker.migrate.report import REDELIVERED
 from packit_broker.queues import QueueSpec
 
 

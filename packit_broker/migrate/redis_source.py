@@ -36,13 +36,10 @@ from packit_broker.kombu_layout import (
 )
 from packit_broker.messages import TaskMessage
 from packit_broker.migrate.protocols import Lane
-from packit_broker.migrate.report import Report
+from packit_broker.migrate.report import POSSIBLE_DUPLICATES, Report
 
 QUARANTINE = "packit_broker.quarantine"
 INFLIGHT = "packit_broker.inflight"
-POSSIBLE_DUPLICATES = "packit_broker.possible_duplicates"
-#: Rollback: ids of messages RabbitMQ marked redelivered (see packit_broker.migrate.amqp_source)
-REDELIVERED = "packit_broker.redelivered"
 LOCK = "packit_broker.lock"
 OWN_PREFIX = "packit_broker."
 CLIENT_NAME = "packit-broker-migrate"

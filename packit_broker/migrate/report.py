@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Our Redis lists of task ids a report lists (evidence kept until a report said it).
+POSSIBLE_DUPLICATES = "packit_broker.possible_duplicates"
+#: Rollback: ids of messages RabbitMQ marked redelivered (see packit_broker.migrate.amqp_source)
+REDELIVERED = "packit_broker.redelivered"
+
 
 @dataclass
 class QuarantinedEntry:
@@ -33,6 +38,11 @@ class Report:
     @property
     def complete(self) -> bool:
         return not self.remaining and not self.wrong_type
+
+    def evidence(self) -> dict[str, list[str]]:
+        """Each Redis list this report lists, with the ids as read (Redis forgets them only
+        once the report is written)."""
+        return {POSSIBLE_DUPLICATES: self.possible_duplicates}
 
     def as_dict(self) -> dict[str, Any]:
         return {

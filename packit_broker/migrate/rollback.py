@@ -25,8 +25,8 @@ from packit_broker.migrate.driver import Driver, Progress
 from packit_broker.migrate.metrics import FollowMetrics
 from packit_broker.migrate.protocols import Lane
 from packit_broker.migrate.redis_sink import Journal, RedisEntry, RedisSink, durability
-from packit_broker.migrate.redis_source import REDELIVERED, RedisSource, RunLock, locked_run
-from packit_broker.migrate.report import Report, skipped_list
+from packit_broker.migrate.redis_source import RedisSource, RunLock, locked_run
+from packit_broker.migrate.report import REDELIVERED, Report, skipped_list
 from packit_broker.migrate.run import Refused
 from packit_broker.queues import QueueSettings, QueueSpec
 
@@ -114,6 +114,9 @@ class RollbackReport(Report):
     #: ids RabbitMQ marked redelivered: a consumer had them before (a worker that stopped,
     #: perhaps mid-task; an earlier run that stopped or lost an ack with a node; a node restart)
     redelivered: list[str] = field(default_factory=list)
+
+    def evidence(self) -> dict[str, list[str]]:
+        return {**super().evidence(), REDELIVERED: self.redelivered}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -233,7 +236,7 @@ class Rollback:
             self.metrics.watch(self.report)
             self.metrics.connected.set(1)
             progress = self.metrics.counting(progress)
-            on_batch = self._observe_batch
+            on_batch = self.metrics.observe_batch
         driver: Driver[RedisEntry] = Driver(
             self.source,
             sink,
@@ -297,10 +300,12 @@ class Rollback:
             if not busy:
                 if paused:
                     self.notify("resumed: no other client consumes the RabbitMQ queues")
-                    self._set_paused(False)
+                    if self.metrics is not None:
+                        self.metrics.set_paused(False)
                 return True
             if not paused:
-                self._set_paused(True)
+                if self.metrics is not None:
+                    self.metrics.set_paused(True)
                 shown = "; ".join(f"{q!r}: {n} consumer(s)" for q, n in sorted(busy.items()))
                 self.notify(
                     f"PAUSED: a client is consuming from RabbitMQ ({shown}) - stop it (every"
@@ -315,17 +320,9 @@ class Rollback:
     # -- metrics (with --follow --metrics-port) ---------------------------------------------
 
     def _show_pending(self, lanes: list[Lane]) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None:  # a passive declare per queue: only when watched
             for lane in lanes:
-                self.metrics.pending.labels(lane.key).set(self.source.leftover(lane.key))
-
-    def _set_paused(self, paused: bool) -> None:
-        if self.metrics is not None:
-            self.metrics.paused.set(1 if paused else 0)
-
-    def _observe_batch(self, queue: str, seconds: float) -> None:
-        if self.metrics is not None:
-            self.metrics.batch_latency.labels(queue).observe(seconds)
+                self.metrics.set_pending(lane.key, self.source.leftover(lane.key))
 
     def _check_lock(self) -> None:
         if self.lock is not None:

@@ -509,19 +509,19 @@ class Migration:
         pending = {q.spec.name: sum(lengths[k] for k in q.keys.values()) for q in plan.queues}
         if self.metrics is not None:
             for queue, count in pending.items():
-                self.metrics.pending.labels(queue).set(count)
+                self.metrics.set_pending(queue, count)
         self.report.pending = pending
         self.show_pending(pending)
         return pending
 
     def _set_paused(self, paused: bool) -> None:
         if self.metrics is not None:
-            self.metrics.paused.set(1 if paused else 0)
+            self.metrics.set_paused(paused)
 
     def _on_batch(self, queue: str, seconds: float) -> None:
         self._progressed = True
         if self.metrics is not None:
-            self.metrics.batch_latency.labels(queue).observe(seconds)
+            self.metrics.observe_batch(queue, seconds)
 
     def _remaining(self, plan: Plan) -> dict[str, int]:
         """Read the selected queues again: completeness is checked, not assumed."""
