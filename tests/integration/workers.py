@@ -43,3 +43,41 @@ def celery_worker(
         yield proc
     finally:
         proc.stop()
+
+
+#: The users' worker command line (packit-service `files/run_worker.sh`), one per StatefulSet:
+#: `--pool=gevent` whenever the concurrency is above one.
+USERS_POOLS = {"gevent": 16, "eventlet": 16, "prefork": 1, "threads": 4}
+
+
+def users_worker_argv(app: str, pool: str, queues: list[str], name: str) -> list[str]:
+    """`celery --app=APP worker --concurrency=C --pool=POOL --prefetch-multiplier=1 --queues=Q`."""
+    celery = str(Path(sys.executable).with_name("celery"))
+    return [
+        celery,
+        f"--app={app}",
+        "worker",
+        f"--concurrency={USERS_POOLS[pool]}",
+        f"--pool={pool}",
+        "--prefetch-multiplier=1",
+        f"--queues={','.join(queues)}",
+        # Not on the users' line: a node name per worker (their pods differ by host name) and
+        # INFO logs for the test's diagnostics.
+        f"--hostname={name}@%h",
+        "--loglevel=INFO",
+    ]
+
+
+def start_users_worker(
+    env: Mapping[str, str],
+    pool: str,
+    queues: list[str],
+    log: Path,
+    name: str,
+    app: str = "tests.integration.usersapp",
+) -> Process:
+    """Start (not wait for) one worker run the way the users run theirs."""
+    argv = users_worker_argv(app, pool, queues, name)
+    proc = Process(f"celery-{pool}", argv, log, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    proc.start()
+    return proc

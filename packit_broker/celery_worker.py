@@ -1,0 +1,168 @@
+"""Worker-side hooks `celery_config()` registers: what Celery settings alone cannot give a worker.
+
+On Celery's `worker_init` signal, for the worker's app:
+- `GreenEventConnectionGuard`: green-pool workers keep running with publisher confirms and
+  heartbeats on (below);
+- `DeadLetterQueues`: the dead-letter queue of each quorum queue the worker consumes exists
+  (`packit_broker.queues.DEAD_LETTER_SUFFIX`), so a task past its delivery limit is kept;
+- an ERROR in the worker log when the app's result backend was not built by `celery_config()`
+  (a Redis the private side cannot reach; readers and writers on different backends).
+
+The green-pool stall: under `--pool=gevent` or `--pool=eventlet` Celery 5.7's blocking loop
+(`celery.worker.loops.synloop`) reads the event dispatcher's AMQP connection from two greenlets
+at once: the main greenlet drains it every cycle so broker heartbeats are consumed, while a task
+or timer greenlet that publishes an event (`task-received`, `worker-heartbeat`) waits on the same
+socket for its publisher confirm. py-amqp keeps one read buffer per connection and no lock, so
+the two readers split a frame between them; the confirm waiter then blocks forever in a socket
+read (gevent ignores the `SO_RCVTIMEO` that bounds such a read for prefork and threads workers)
+while holding the dispatcher's mutex, and the main greenlet blocks on that mutex the next time it
+receives a task. The worker then stops consuming and cannot act on SIGTERM. The guard serialises
+every use of that connection on the dispatcher's own mutex: the loop's drain and the heartbeat
+check skip a cycle while an event is being published (the publish itself is traffic the broker
+counts as a heartbeat) instead of reading beside it. Prefork and threads workers are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import bootsteps, signals
+
+EVENTS_STEP = "celery.worker.consumer.events:Events"
+TASKS_STEP = "celery.worker.consumer.tasks:Tasks"
+logger = logging.getLogger("packit_broker.celery_worker")
+
+
+def _skip_while_busy(
+    mutex: Any, call: Callable[..., Any], busy: Callable[[], Any]
+) -> Callable[..., Any]:
+    """`call` under `mutex`, or `busy()` without waiting when another greenlet holds it."""
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if not mutex.acquire(False):
+            return busy()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            mutex.release()
+
+    guarded.__wrapped__ = call  # type: ignore[attr-defined]
+    return guarded
+
+
+def _drain_busy() -> None:
+    raise TimeoutError("event dispatcher is publishing; drain skipped this cycle")
+
+
+def guard_event_connection(connection: Any, mutex: Any) -> None:
+    """Make `connection`'s drain and heartbeat check wait their turn behind `mutex`'s holder."""
+    if getattr(connection.drain_events, "__wrapped__", None) is not None:
+        return  # already guarded (the step restarts with the consumer, the connection may not)
+    connection.drain_events = _skip_while_busy(mutex, connection.drain_events, _drain_busy)
+    connection.heartbeat_check = _skip_while_busy(mutex, connection.heartbeat_check, lambda: None)
+
+
+class GreenEventConnectionGuard(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step that guards the event connection of green-pool workers (see module doc)."""
+
+    requires = (EVENTS_STEP,)
+
+    def start(self, c: Any) -> None:
+        dispatcher = getattr(c, "event_dispatcher", None)
+        if not getattr(c.pool, "is_green", False) or dispatcher is None:
+            return
+        if dispatcher.connection is not None:
+            guard_event_connection(dispatcher.connection, dispatcher.mutex)
+
+
+class DeadLetterQueues(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step that declares the dead-letter queue of each queue the worker consumes.
+
+    A quorum queue declared by `celery_config()` dead-letters a task after its delivery limit
+    through the default exchange to `<queue>.dead-letter`; RabbitMQ drops it if that queue does
+    not exist, so the worker that declares the queue declares its dead-letter queue too.
+    """
+
+    requires = (TASKS_STEP,)
+
+    def start(self, c: Any) -> None:
+        consumer = getattr(c, "task_consumer", None)
+        if consumer is None or c.connection is None:
+            return
+        channel = c.connection.default_channel
+        for queue in consumer.queues:
+            target = dead_letter_target(queue.queue_arguments or {})
+            if target is not None:
+                channel.queue_declare(
+                    target, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"}
+                )
+
+
+def dead_letter_target(arguments: dict[str, Any]) -> str | None:
+    """The queue a queue's arguments dead-letter into through the default exchange, if any."""
+    routing_key = arguments.get("x-dead-letter-routing-key")
+    if arguments.get("x-dead-letter-exchange") == "" and isinstance(routing_key, str):
+        return routing_key
+    return None
+
+
+#: Result backends `celery_config()` emitted in this process (the app owns no other).
+_owned_backends: set[str] = set()
+#: Backends that travel over the broker connection, which the Route carries.
+_THROUGH_BROKER = ("rpc", "amqp", "amqps")
+
+
+def own_backend(url: str) -> None:
+    """Remember a result backend URL `celery_config()` built (so the worker does not warn)."""
+    _owned_backends.add(url)
+
+
+def unowned_backend(backend: object) -> str | None:
+    """Why the app's result backend may be out of a private worker's reach, or None if fine.
+
+    The text names the scheme, host and port only: the URL's password stays out of the log.
+    """
+    if not isinstance(backend, str) or not backend or backend in _owned_backends:
+        return None
+    parts = urlsplit(backend)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme in _THROUGH_BROKER or scheme in ("disabled", "cache"):
+        return None
+    try:
+        where = f"{parts.hostname or 'localhost'}:{parts.port}" if parts.port else parts.hostname
+    except ValueError:
+        where = None
+    return (
+        f"the app's result backend ({scheme}://{where or ''}) was not set by packit-broker's"
+        " celery_config(): workers in the private cluster reach only what the Route carries"
+        " (the broker and PostgreSQL with direct TLS), and result readers on the old backend"
+        " never see results stored elsewhere. Fix: set PACKIT_RESULT_BACKEND_URL (and its _CA_FILE)"
+        " for the workers and every process that reads results, switching them together"
+        " (docs/usage.md, results), or set task_ignore_result=True if nothing reads results"
+    )
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """`worker_init` receiver: add the step to the worker's app; report an unowned backend."""
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+    app.steps["consumer"].add(GreenEventConnectionGuard)
+    app.steps["consumer"].add(DeadLetterQueues)
+    problem = unowned_backend(app.conf.result_backend)
+    if problem is not None:
+        logger.error("packit-broker: %s", problem)
+
+
+_installed = threading.Event()
+
+
+def install() -> None:
+    """Register the worker hook once per process (called by `celery_config()`)."""
+    if not _installed.is_set():
+        signals.worker_init.connect(_on_worker_init, weak=False)
+        _installed.set()

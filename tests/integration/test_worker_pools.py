@@ -1,0 +1,125 @@
+"""The users' worker command lines keep working after idling: every pool, not only prefork.
+
+A gevent worker configured by `celery_config()` used to stall after about a minute idle (see
+`packit_broker.celery_worker`): one task received, none started, no `inspect ping` answer, deaf
+to SIGTERM. This runs the users' four kinds of worker side by side through the router stand-in,
+idles them for longer than two broker heartbeats, then gives each 100 tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from packit_broker.stack import Stack
+from packit_broker.stack.processes import Process
+from tests.integration.workers import REPO, USERS_POOLS, start_users_worker
+
+pytestmark = pytest.mark.integration
+
+IDLE_SECONDS = 180  # the issue's bound: well past two heartbeats (broker_heartbeat = 10 s)
+TASKS = 100
+RUN_DEADLINE = 60.0  # 100 trivial tasks per worker, all four workers at once, 2 cores
+GRACE_SECONDS = 10  # the users' terminationGracePeriodSeconds
+APP = "tests.integration.usersapp"
+
+
+def _send(env: dict[str, str], queue: str, count: int, label: str, countdown: float = 0) -> None:
+    sent = subprocess.run(
+        [sys.executable, "-m", "tests.integration.users_producer", queue, str(count), label,
+         str(countdown)],
+        env={**os.environ, **env, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert sent.returncode == 0, f"producer failed:\n{sent.stdout}{sent.stderr}"
+
+
+def _ran(log: Path) -> Counter[str]:
+    if not log.exists():
+        return Counter()
+    return Counter(line.split("\t")[0] for line in log.read_text().splitlines() if line)
+
+
+def _wait_ready(worker: Process, log: Path, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        assert worker.running, f"{worker.name} exited during start-up:\n{worker.log_tail()}"
+        if "ready." in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{worker.name} not ready:\n{worker.log_tail()}")
+
+
+def _ping(env: dict[str, str], node: str) -> subprocess.CompletedProcess[str]:
+    celery = str(Path(sys.executable).with_name("celery"))
+    return subprocess.run(
+        [celery, f"--app={APP}", "inspect", "ping", f"--destination={node}", "--timeout=5"],
+        env={**os.environ, **env, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_every_users_pool_runs_tasks_after_idling_and_stops_on_sigterm(
+    stack: Stack, tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    queues = {pool: f"{pool}-{tag}" for pool in USERS_POOLS}
+    tasks_log = tmp_path / "tasks.log"
+    env = {
+        **stack.client_env(),
+        "PACKIT_BROKER_QUEUES": ",".join(queues.values()),
+        "TASKAPP_LOG": str(tasks_log),
+    }
+    host = os.uname().nodename
+    workers: dict[str, Process] = {}
+    logs = {pool: tmp_path / f"{pool}.log" for pool in USERS_POOLS}
+    try:
+        for pool, queue in queues.items():
+            workers[pool] = start_users_worker(env, pool, [queue], logs[pool], f"{pool}-{tag}")
+        deadline = time.monotonic() + 90
+        for pool, worker in workers.items():
+            _wait_ready(worker, logs[pool], deadline)
+
+        time.sleep(IDLE_SECONDS)
+
+        for pool, queue in queues.items():
+            _send(env, queue, TASKS, f"{pool}:")
+        sent_at = time.monotonic()
+        expected = {f"{pool}:{index}" for pool in USERS_POOLS for index in range(TASKS)}
+        while time.monotonic() - sent_at < RUN_DEADLINE and set(_ran(tasks_log)) != expected:
+            time.sleep(0.5)
+        ran = _ran(tasks_log)
+        missing = {
+            pool: sum(f"{pool}:{i}" not in ran for i in range(TASKS)) for pool in USERS_POOLS
+        }
+        assert not any(missing.values()), (
+            f"tasks not run within {RUN_DEADLINE:.0f}s of sending, per pool: {missing}\n"
+            + "\n".join(f"--- {pool}\n{w.log_tail(15)}" for pool, w in workers.items())
+        )
+        assert [label for label, times in ran.items() if times > 1] == []
+
+        for pool in USERS_POOLS:
+            answer = _ping(env, f"{pool}-{tag}@{host}")
+            assert answer.returncode == 0 and "pong" in answer.stdout, (
+                f"{pool} worker did not answer inspect ping: {answer.stdout}{answer.stderr}"
+            )
+
+        for pool, worker in workers.items():
+            assert worker.popen is not None
+            started = time.monotonic()
+            worker.popen.send_signal(signal.SIGTERM)  # what the kubelet does: PID 1 only
+            try:
+                worker.popen.wait(GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{pool} worker still running {GRACE_SECONDS}s after SIGTERM")
+            assert time.monotonic() - started < GRACE_SECONDS
+    finally:
+        for worker in workers.values():
+            worker.stop()
