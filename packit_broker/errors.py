@@ -104,6 +104,15 @@ def existing_arguments(
     return None
 
 
+def _lacks_dead_letter(wanted: Mapping[str, Any], existing: Mapping[str, Any] | None) -> bool:
+    """An existing quorum queue that only misses the dead-letter arguments we add."""
+    if existing is None or existing.get("x-queue-type") != "quorum":
+        return False
+    dead_letter = ("x-dead-letter-exchange", "x-dead-letter-routing-key", "x-delivery-limit")
+    rest = {k: v for k, v in wanted.items() if k not in dead_letter}
+    return "x-dead-letter-routing-key" not in existing and dict(existing) == rest
+
+
 def queue_mismatch(
     endpoint: str,
     queue: str,
@@ -117,6 +126,19 @@ def queue_mismatch(
         seen = (
             f"queue {queue!r} exists with arguments {dict(existing)}, the workers' declaration"
             f" wants {dict(wanted)} (PRECONDITION_FAILED)"
+        )
+    if _lacks_dead_letter(wanted, existing):
+        return Diagnosis(
+            RABBITMQ,
+            "queue-arguments",
+            endpoint,
+            f"quorum queue {queue!r} has no dead-letter target and no explicit delivery limit"
+            f" (arguments {dict(existing or {})}): RabbitMQ 4 drops a task after 20 deliveries,"
+            " and a worker crash or a cut connection counts as one",
+            f"recreate it with this version's arguments {dict(wanted)}: move its tasks out (or"
+            " let the workers drain it), `rabbitmqctl delete_queue"
+            f" {queue}`, then start the workers or run `packit-broker check`, which declare it"
+            " with its dead-letter queue (docs/usage.md, dead letters); nothing was moved",
         )
     return Diagnosis(
         RABBITMQ,

@@ -22,9 +22,30 @@ class QueueType(enum.Enum):
     QUORUM = "quorum"
 
 
+#: The queue type of kombu's native delayed delivery queues (`celery_delayed_0..27`), as
+#: `celery_config()` sets `broker_native_delayed_delivery_queue_type` and the movers declare them.
+DELAYED_DELIVERY_QUEUE_TYPE = "quorum"
+#: How often a quorum queue delivers a task before dead-lettering it. RabbitMQ 4.0 made 20 the
+#: default and, without a dead-letter target, drops the task after it; a worker crash or a cut
+#: connection with the task unacknowledged (`acks_late`) counts as a delivery. Set explicitly so
+#: 3.x (unlimited by default) and 4.x behave alike, with a dead-letter queue to keep the task.
+DELIVERY_LIMIT = 20
+#: `<queue>.dead-letter`: where a quorum queue's task goes after DELIVERY_LIMIT deliveries
+#: (by the default exchange; the x-death header says why and from where).
+DEAD_LETTER_SUFFIX = ".dead-letter"
+
+
 @dataclass(frozen=True)
 class QueueSpec:
-    """One durable queue, bound to a direct exchange of the same name (Celery's convention)."""
+    """One durable queue and the exchange its tasks are published to.
+
+    Classic: a direct exchange of the queue's name (Celery's convention). Quorum: a topic
+    exchange `<name>.topic`, because Celery sends a countdown or ETA task through kombu's native
+    delayed delivery only when the queue's exchange is topic or fanout; with a direct one the
+    worker holds the task unacknowledged until it is due, and with `--prefetch-multiplier=1`
+    every other task waits behind it. The new name leaves an older direct exchange of the
+    queue's name (and the producers still publishing to it) working during an upgrade.
+    """
 
     name: str
     queue_type: QueueType = QueueType.CLASSIC
@@ -32,20 +53,49 @@ class QueueSpec:
 
     @property
     def exchange(self) -> str:
-        return self.name
+        return f"{self.name}.topic" if self.queue_type is QueueType.QUORUM else self.name
+
+    @property
+    def exchange_type(self) -> str:
+        return "topic" if self.queue_type is QueueType.QUORUM else "direct"
+
+    @property
+    def delayed_delivery(self) -> bool:
+        """Whether countdown tasks reach this queue through kombu's delayed-delivery queues."""
+        return self.queue_type is QueueType.QUORUM
 
     @property
     def routing_key(self) -> str:
         return self.name
 
     @property
+    def dead_letter_queue(self) -> str | None:
+        """The queue this one dead-letters into (quorum queues only), or None."""
+        return self.name + DEAD_LETTER_SUFFIX if self.queue_type is QueueType.QUORUM else None
+
+    @property
     def arguments(self) -> dict[str, Any]:
         args: dict[str, Any] = {}
         if self.queue_type is QueueType.QUORUM:
             args["x-queue-type"] = "quorum"
+            # Queue arguments, not a policy: an operator's own policy (max-length, say) would
+            # replace a policy of ours whole, and `check` can verify arguments over AMQP.
+            args["x-delivery-limit"] = DELIVERY_LIMIT
+            args["x-dead-letter-exchange"] = ""
+            args["x-dead-letter-routing-key"] = self.dead_letter_queue
         if self.max_priority is not None:
             args["x-max-priority"] = self.max_priority
         return args
+
+    def declare_dead_letter(self, channel: Any) -> None:
+        """Declare the dead-letter queue (quorum, nothing bound but the default exchange)."""
+        if self.dead_letter_queue is not None:
+            channel.queue_declare(
+                self.dead_letter_queue,
+                durable=True,
+                auto_delete=False,
+                arguments={"x-queue-type": "quorum"},
+            )
 
     def kombu_queue(self) -> Any:
         """The kombu `Queue` Celery workers declare; same arguments as `declare()`."""
@@ -53,15 +103,17 @@ class QueueSpec:
 
         return Queue(  # type: ignore[no-untyped-call]
             self.name,
-            Exchange(self.exchange, type="direct", durable=True),  # type: ignore[no-untyped-call]
+            Exchange(self.exchange, type=self.exchange_type, durable=True),  # type: ignore[no-untyped-call]
             routing_key=self.routing_key,
             durable=True,
             queue_arguments=self.arguments or None,
         )
 
     def declare(self, channel: Any) -> None:
-        """Declare exchange, queue and binding on a py-amqp channel exactly as kombu would."""
-        channel.exchange_declare(self.exchange, "direct", durable=True, auto_delete=False)
+        """Declare exchange, queue and binding on a py-amqp channel exactly as kombu would
+        (and the dead-letter queue first, so that nothing is dead-lettered into nowhere)."""
+        self.declare_dead_letter(channel)
+        channel.exchange_declare(self.exchange, self.exchange_type, durable=True, auto_delete=False)
         channel.queue_declare(
             self.name, durable=True, auto_delete=False, arguments=self.arguments or None
         )

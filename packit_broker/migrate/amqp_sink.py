@@ -26,6 +26,8 @@ drops the dead one without a Close handshake).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime as dt
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from typing import Any
 import amqp
 from amqp import spec
 
-from packit_broker import errors
+from packit_broker import delayed_delivery, errors
 from packit_broker.amqp_client import open_connection
 from packit_broker.codecs import AmqpMessage, to_amqp
 from packit_broker.config import BrokerEndpoint
@@ -122,6 +124,8 @@ class AmqpSink:
         self._size_limit: int | None = None  # RabbitMQ's max_message_size, once learnt
         self._published = 0
         self._unpolled = 0  # body bytes published since the last poll
+        #: Tasks not yet due (the run shares its report's summary with each sink it opens).
+        self.etas = delayed_delivery.EtaSummary()
         self._accepted_at: dict[str, float] = {}  # routing key -> when RabbitMQ last acked one
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -171,16 +175,25 @@ class AmqpSink:
 
     def prepare(self, target: QueueSpec) -> None:
         self.declare(target)
+        delayed_delivery.declare(self.connection, target)
 
     def encode(self, message: TaskMessage, target: QueueSpec) -> AmqpMessage:
-        """What reaches `target` (its own binding kept); MalformedMessage if it cannot."""
-        return to_amqp(
+        """What reaches `target` (its own binding kept, or through delayed delivery when it is
+        a quorum queue and the task is not due yet); MalformedMessage if it cannot."""
+        encoded = to_amqp(
             message,
             queue=target.name,
             max_priority=target.max_priority,
             binding=(target.exchange, target.routing_key),
             max_size=self.max_message_size,
         )
+        now = dt.datetime.now(dt.UTC)
+        route = delayed_delivery.delayed_route(target, message.headers, now)
+        seconds = delayed_delivery.delay_seconds(message.headers, now)
+        self.etas.add(target, seconds, route is not None)
+        if route is None:
+            return encoded
+        return dataclasses.replace(encoded, exchange=route[0], routing_key=route[1])
 
     # -- declarations ---------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import amqp
 
+from packit_broker import delayed_delivery
 from packit_broker.amqp_client import open_connection
 from packit_broker.codecs import from_amqp
 from packit_broker.config import BrokerEndpoint
@@ -199,6 +200,15 @@ class AmqpSource:
         lane = self.lanes.get(queue)
         state = self.state(queue)
         return (state.ready if state else 0) + (len(lane.buffer) if lane else 0)
+
+    def counting_down(self) -> int:
+        """Tasks waiting in kombu's delayed-delivery queues (countdowns on quorum queues): not
+        in any worker queue yet, so not moved by a run that reads the worker queues."""
+        waiting = 0
+        for queue in delayed_delivery.LEVEL_QUEUES:
+            state = self.state(queue)
+            waiting += state.ready if state else 0
+        return waiting
 
     def idle(self, seconds: float) -> None:
         """Wait while keeping the connection healthy (heartbeats; deliveries are buffered)."""

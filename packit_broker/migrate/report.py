@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from packit_broker.delayed_delivery import EtaSummary
+
 #: Our Redis lists of task ids a report lists (evidence kept until a report said it).
 POSSIBLE_DUPLICATES = "packit_broker.possible_duplicates"
 #: Rollback: ids of messages RabbitMQ marked redelivered (see packit_broker.migrate.amqp_source)
@@ -30,6 +32,7 @@ class Report:
     taken_over_from: str | None = None
     pending: dict[str, int] = field(default_factory=dict)  # --follow: left per queue, last round
     seconds: float = 0.0
+    etas: EtaSummary = field(default_factory=EtaSummary)  # tasks moved before they were due
 
     @property
     def total(self) -> int:
@@ -59,6 +62,7 @@ class Report:
             "taken_over_from": self.taken_over_from,
             "pending": dict(self.pending),
             "seconds": round(self.seconds, 3),
+            "eta_tasks": self.etas.as_dict(),
         }
 
 

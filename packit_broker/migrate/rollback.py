@@ -104,6 +104,11 @@ class RollbackPlan:
         }
 
 
+#: `remaining` key for tasks still in kombu's delayed-delivery queues (quorum countdowns): a
+#: rollback reads the worker queues, which they reach only when due.
+COUNTING_DOWN = "celery_delayed_* (countdown tasks not yet due; rerun after the farthest ETA)"
+
+
 @dataclass
 class RollbackReport(Report):
     """The forward report plus the quarantined messages, each whole: they stay in RabbitMQ
@@ -258,6 +263,9 @@ class Rollback:
         self.report.remaining = {
             lane.key: left for lane in lanes if (left := self.source.leftover(lane.key))
         }
+        if waiting := self.source.counting_down():
+            # Not attributable to one queue without consuming them; they are not moved.
+            self.report.remaining[COUNTING_DOWN] = waiting
         self.report.left_in_rabbitmq = [held.as_dict() for held in self.source.held]
 
     def _sweep(self, driver: Driver[RedisEntry], lanes: list[Lane]) -> None:

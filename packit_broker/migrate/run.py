@@ -340,12 +340,14 @@ class Migration:
             self._pending(plan)
 
     def _sink(self) -> AmqpSink:
-        return AmqpSink(
+        sink = AmqpSink(
             self.broker,
             blocked_timeout=self.options.blocked_timeout,
             max_message_size=self.options.max_message_size,
             nack_retry_seconds=self.options.nack_retry_seconds,
         )
+        sink.etas = self.report.etas
+        return sink
 
     def _use(self, sink: AmqpSink, plan: Plan) -> None:
         """Declare, then move (and follow) over one connection."""

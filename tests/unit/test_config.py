@@ -74,7 +74,7 @@ def test_queues_share_one_definition() -> None:
     assert kombu_args == [{"x-max-priority": 10}] * 2
     quorum = queues_from_env({"PACKIT_BROKER_QUEUE_TYPE": "quorum"})
     assert quorum.queue_type is QueueType.QUORUM
-    assert quorum.default.arguments == {"x-queue-type": "quorum"}
+    assert quorum.default.arguments["x-queue-type"] == "quorum"
 
 
 @pytest.mark.parametrize(
