@@ -8,6 +8,28 @@ from pathlib import Path
 
 #: Debian's real scripts; /usr/sbin/rabbitmq-server would `su` to the rabbitmq user.
 RABBITMQ_SBIN = ("/usr/lib/rabbitmq/bin",)
+#: RabbitMQ 4.3's default, switchable from 4.0 on: transient non-exclusive queues are refused.
+#: The rig runs 4.x with it, so that Celery's control and event queues are tested against it.
+FUTURE_DEFAULTS_FROM = (4, 0, 0)
+FUTURE_DEFAULTS = ("deprecated_features.permit.transient_nonexcl_queues = false",)
+
+
+def installed_version() -> tuple[int, ...] | None:
+    """The version of the RabbitMQ server installed here (from its install folder)."""
+    import glob
+    import re
+
+    for folder in sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*")):
+        found = re.search(r"rabbitmq_server-(\d+)\.(\d+)\.(\d+)", folder)
+        if found:
+            return tuple(int(part) for part in found.groups())
+    return None
+
+
+def future_defaults() -> list[str]:
+    """rabbitmq.conf lines that switch on the next releases' defaults, where this one can."""
+    version = installed_version()
+    return list(FUTURE_DEFAULTS) if version is not None and version >= FUTURE_DEFAULTS_FROM else []
 
 
 def node_env(

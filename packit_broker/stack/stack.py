@@ -28,7 +28,7 @@ from packit_broker.stack.processes import (
     service_user,
     wait_until,
 )
-from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, amqps_login, node_env
+from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, amqps_login, future_defaults, node_env
 from packit_broker.stack.router_process import router_process, tcp_open
 
 DOMAIN = "apps.packit.test"
@@ -204,6 +204,7 @@ class Stack:
                 f"default_pass = {self.broker_account.password}",
                 f"load_definitions = {definitions}",
                 "consumer_timeout = 7200000",
+                *future_defaults(),
                 "log.console = true",
                 "log.console.level = warning",
                 "log.file = false",

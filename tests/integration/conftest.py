@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 
 import pytest
+
+from packit_broker.stack.rabbitmq import installed_version
 
 #: RabbitMQ 3.10.0-3.10.8 may hang for good after a partition heals ("Global hang workaround:
 #: global state ... seems broken"): rabbitmq-server#6034, fixed in 3.10.9. Debian 12 ships 3.10.8.
@@ -20,13 +20,7 @@ CLUSTER_REPORT: list[str] = []
 _DESELECTED: list[str] = []
 
 
-def installed_rabbitmq() -> tuple[int, ...] | None:
-    """The version of the RabbitMQ server the rig would run (from its install folder)."""
-    for folder in sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*")):
-        found = re.search(r"rabbitmq_server-(\d+)\.(\d+)\.(\d+)", folder)
-        if found:
-            return tuple(int(part) for part in found.groups())
-    return None
+installed_rabbitmq = installed_version
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -26,7 +26,7 @@ from packit_broker.render import find_objects
 from packit_broker.router import route_from_manifest
 from packit_broker.stack.certs import Pki
 from packit_broker.stack.processes import Process, StackError, free_port, require, wait_until
-from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, amqps_login, node_env
+from packit_broker.stack.rabbitmq import RABBITMQ_SBIN, amqps_login, future_defaults, node_env
 from packit_broker.stack.router_process import start_router
 
 K8S_BACKEND = "rabbit_peer_discovery_k8s"
@@ -165,6 +165,7 @@ def local_rabbitmq_conf(
         _replace_key(lines, f"cluster_formation.classic_config.nodes.{number}", node, add=True)
     _replace_key(lines, "prometheus.tcp.port", str(prometheus_port), add=True)
     _replace_key(lines, "prometheus.tcp.ip", listen_host, add=True)
+    lines += future_defaults()  # RabbitMQ 4.x: run with 4.3's defaults where 4.0 allows them
     return "\n".join(lines) + "\n"
 
 
