@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -174,4 +175,54 @@ def test_migrated_countdown_tasks_run_on_time_without_blocking(
         _assert_on_time(_wait_for(log, soon, 60), soon)
         assert not {label for label in _runs(log) if label.startswith("hour:")}
     finally:
+        worker.stop()
+
+
+def test_bridge_routes_countdown_tasks_through_delayed_delivery(
+    stack: Stack, tmp_path: Path, redis_url: str
+) -> None:
+    """`migrate --follow` with a quorum queue and the users' prefork worker already running:
+    countdown tasks still pushed to Redis reach the worker when due, immediate ones at once."""
+    queue = f"bridged-quorum-{uuid.uuid4().hex[:6]}"
+    log = tmp_path / "tasks.log"
+    env = _env(stack, queue, "quorum", log)
+    app = backlog.producer(redis_url, [queue])
+
+    def send(label: str, countdown: float, count: int) -> None:
+        for i in range(count):
+            due = time.time() + countdown
+            app.send_task(
+                "usersapp.record", (f"{label}{i}", due), queue=queue, countdown=countdown or None
+            )
+
+    send("hour:", HOUR, 3)  # the list exists before the bridge plans
+    worker = start_users_worker(env, "prefork", [queue], tmp_path / "worker.log", queue)
+    report = tmp_path / "report.json"
+    bridge = subprocess.Popen(
+        [sys.executable, "-m", "packit_broker", "migrate", "--follow", "--json",
+         "--report", str(report)],
+        env={**os.environ, **env, "PACKIT_MIGRATE_FROM": redis_url},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _ready(worker, tmp_path / "worker.log")
+        send("soon:", 20, 3)
+        send("now:", 0, 20)
+        app.close()
+        now = {f"now:{i}" for i in range(20)}
+        runs = _wait_for(log, now, 30)
+        late = {label: runs[label][0] - (runs[label][1] or 0) for label in now & set(runs)}
+        assert set(late) == now, f"immediate tasks not run: {sorted(now - set(late))}"
+        assert max(late.values()) <= START_BOUND, f"seconds from send to start: {late}"
+        soon = {f"soon:{i}" for i in range(3)}
+        _assert_on_time(_wait_for(log, soon, 60), soon)
+        bridge.send_signal(signal.SIGTERM)
+        _, stderr = bridge.communicate(timeout=60)
+        assert bridge.returncode == 0, stderr
+        etas = json.loads(report.read_text())["eta_tasks"]
+        assert etas["count"] == etas["through_delayed_delivery"] == 6
+        assert not {label for label in _runs(log) if label.startswith("hour:")}
+    finally:
+        if bridge.poll() is None:
+            bridge.kill()
         worker.stop()

@@ -123,3 +123,52 @@ def test_every_users_pool_runs_tasks_after_idling_and_stops_on_sigterm(
     finally:
         for worker in workers.values():
             worker.stop()
+
+
+EVENTS_SCRIPT = """
+import sys, threading, time
+from tests.integration.usersapp import app, record
+seen, sent = [], []
+def succeeded(event):
+    seen.append(event)
+    receiver.should_stop = True
+with app.connection_for_read() as conn:
+    receiver = app.events.Receiver(conn, handlers={"task-succeeded": succeeded})
+    def send():
+        time.sleep(2)  # the receiver's queue is declared by then
+        sent.append(record.apply_async(("events:0",), queue=sys.argv[1]).id)
+    threading.Thread(target=send, daemon=True).start()
+    receiver.capture(limit=None, timeout=30, wakeup=False)
+print(sent[0], seen[0]["uuid"], flush=True)
+"""
+
+
+def test_status_and_events_work_with_transient_queues_denied(stack: Stack, tmp_path: Path) -> None:
+    """`celery status` (the users' liveness probe) and task events, through the router; on
+    RabbitMQ 4.x the rig refuses transient non-exclusive queues as 4.3 will
+    (`packit_broker.stack.rabbitmq.FUTURE_DEFAULTS`)."""
+    tag = uuid.uuid4().hex[:6]
+    queue = f"events-{tag}"
+    env = {**stack.client_env(), "PACKIT_BROKER_QUEUES": queue}
+    log = tmp_path / "worker.log"
+    worker = start_users_worker(env, "gevent", [queue], log, f"events-{tag}")
+    try:
+        _wait_ready(worker, log, time.monotonic() + 90)
+        celery = str(Path(sys.executable).with_name("celery"))
+        status = subprocess.run(
+            [celery, f"--app={APP}", "status", "--timeout=5"],
+            env={**os.environ, **env, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"events-{tag}@" in status.stdout
+        events = subprocess.run(
+            [sys.executable, "-c", EVENTS_SCRIPT, queue],
+            env={**os.environ, **env, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True,
+            text=True, timeout=90,
+        )  # fmt: skip
+        assert events.returncode == 0, events.stdout + events.stderr
+        sent, event = events.stdout.split()
+        assert sent == event, events.stdout  # the task-succeeded event of the task sent
+    finally:
+        worker.stop()
