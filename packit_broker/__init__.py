@@ -9,4 +9,4 @@ from packit_broker.database import sqlalchemy_engine
 from packit_broker.pika_settings import pika_parameters
 
 __all__ = ["ConfigError", "celery_config", "pika_parameters", "sqlalchemy_engine"]
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
