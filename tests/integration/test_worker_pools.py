@@ -172,3 +172,30 @@ def test_status_and_events_work_with_transient_queues_denied(stack: Stack, tmp_p
         assert sent == event, events.stdout  # the task-succeeded event of the task sent
     finally:
         worker.stop()
+
+
+def test_worker_reports_a_result_backend_celery_config_did_not_build(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The users' `Celery(..., backend=redis db 1)` kept after `conf.update(celery_config())`
+    with PACKIT_RESULT_BACKEND_URL unset: the worker says so at start, without the password."""
+    tag = uuid.uuid4().hex[:6]
+    env = {
+        key: value
+        for key, value in stack.client_env().items()
+        if not key.startswith("PACKIT_RESULT_BACKEND_")
+    }
+    env.update(
+        PACKIT_BROKER_QUEUES=f"results-{tag}",
+        USERSAPP_RESULT_BACKEND="redis://:hunter2-secret@redis.internal:6379/1",
+    )
+    log = tmp_path / "worker.log"
+    worker = start_users_worker(env, "prefork", [f"results-{tag}"], log, f"results-{tag}")
+    try:
+        _wait_ready(worker, log, time.monotonic() + 90)
+        text = log.read_text()
+        assert "packit-broker: the app's result backend (redis://redis.internal:6379)" in text
+        assert "PACKIT_RESULT_BACKEND_URL" in text
+        assert "hunter2" not in text
+    finally:
+        worker.stop()

@@ -14,7 +14,8 @@ from celery import Celery
 
 from packit_broker import celery_config
 
-app = Celery("usersapp")
+# Theirs is `Celery(broker=redis db 0, backend=redis db 1)`; a test sets the backend this way.
+app = Celery("usersapp", backend=os.environ.get("USERSAPP_RESULT_BACKEND") or None)
 app.conf.update(celery_config())
 app.conf.update(
     task_ignore_result=True,
