@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from packit_broker.stack.processes import StackError
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,23 @@ def _write(cert: object, folder: Path, stem: str) -> ServerCert:
     return ServerCert(cert_file, key_file)
 
 
+#: What to do when the stand-in's optional dependencies are missing (a plain install).
+DEMO_EXTRA_FIX = "pip install 'packit-broker[demo]' (or run scripts/bootstrap.sh)"
+
+
+def require_trustme() -> Any:
+    """trustme, or a StackError saying how to install it (it is in the `demo` extra only)."""
+    try:
+        import trustme
+    except ImportError:
+        raise StackError(
+            f"trustme not found (the stack's throwaway CAs): {DEMO_EXTRA_FIX}"
+        ) from None
+    return trustme
+
+
 def make_pki(folder: Path, hosts: tuple[str, ...], wildcard_domain: str) -> Pki:
-    import trustme
+    trustme = require_trustme()
 
     folder.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA(organization_name="packit-broker stack CA")
@@ -64,7 +82,7 @@ def issue_extra(
     folder: Path, stem: str, hosts: tuple[str, ...], *, expired: bool = False
 ) -> tuple[Path, ServerCert]:
     """A certificate from a fresh CA (or an expired one) for negative tests: (ca_file, cert)."""
-    import trustme
+    trustme = require_trustme()
 
     ca = trustme.CA(organization_name=f"packit-broker {stem} CA")
     ca_file = folder / f"{stem}-ca.crt"

@@ -17,7 +17,7 @@ from typing import Any
 
 from packit_broker.config import HostPort
 from packit_broker.router import PassthroughRoute
-from packit_broker.stack.certs import Pki, make_pki
+from packit_broker.stack.certs import Pki, make_pki, require_trustme
 from packit_broker.stack.postgres import init_tls_cluster, postgres17_bindir, reachable_bindir
 from packit_broker.stack.processes import (
     Process,
@@ -118,11 +118,9 @@ class Stack:
         except StackError as exc:
             problems.append(str(exc))
         try:
-            import trustme  # noqa: F401  (the stack's throwaway CAs)
-        except ImportError:
-            problems.append(
-                "trustme not found: pip install 'packit-broker[demo]' (or run scripts/bootstrap.sh)"
-            )
+            require_trustme()
+        except StackError as exc:
+            problems.append(str(exc))
         if problems:
             raise StackError("\n".join(problems))
 

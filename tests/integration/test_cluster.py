@@ -37,6 +37,7 @@ from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process, StackError
 from tests.integration.conftest import CLUSTER_REPORT
 from tests.integration.test_check import run_check
+from tests.integration.test_countdowns import countdowns_do_not_block
 from tests.integration.test_migrate import run_migrate
 from tests.integration.test_migrate_faults import fill, start_migrate, wait_for_progress
 from tests.rig.cluster import Host, NamespaceCluster
@@ -295,6 +296,22 @@ def test_check_warns_when_classic_queues_run_on_the_cluster(cluster: NamespaceCl
         assert "REPLICAS=3" in found["seen"]
         assert code == 0, results  # a warning is not a failure
     assert "PACKIT_BROKER_QUEUE_TYPE=quorum" in run_check(classic)[2]
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_countdowns_do_not_block_workers_on_the_cluster(
+    cluster: NamespaceCluster, tmp_path: Path, queue_type: str
+) -> None:
+    """The users' countdowns (an hour, 15 s, retries) and immediate tasks through the router to
+    the 3-node cluster: as on one node (tests/integration/test_countdowns.py)."""
+    whole(cluster)
+    queue = f"countdown-{queue_type}-{uuid.uuid4().hex[:6]}"
+    env = {
+        **client_env(cluster, queue),
+        "PACKIT_BROKER_QUEUE_TYPE": queue_type,
+        "TASKAPP_LOG": str(tmp_path / "tasks.log"),
+    }
+    countdowns_do_not_block(env, tmp_path)
 
 
 def test_workers_survive_sigkill_of_a_node_and_every_task_runs(

@@ -93,11 +93,16 @@ def _assert_on_time(runs: dict[str, tuple[float, float | None]], labels: set[str
 def test_countdown_tasks_do_not_block_immediate_ones(
     stack: Stack, tmp_path: Path, queue_type: str
 ) -> None:
-    """The issue's case on the users' prefork line (one slot): countdowns of an hour and of
-    15 s queued first, then 20 immediate tasks, and a task retrying six times with countdowns."""
+    """The issue's case on the users' prefork line (one slot), one node."""
     queue = f"countdown-{queue_type}-{uuid.uuid4().hex[:6]}"
-    log = tmp_path / "tasks.log"
-    env = _env(stack, queue, queue_type, log)
+    countdowns_do_not_block(_env(stack, queue, queue_type, tmp_path / "tasks.log"), tmp_path)
+
+
+def countdowns_do_not_block(env: dict[str, str], tmp_path: Path) -> None:
+    """Countdowns of an hour and of 15 s queued first, then 20 immediate tasks, then a task
+    retrying six times with countdowns, to the users' prefork worker (one slot) on
+    PACKIT_BROKER_QUEUES; TASKAPP_LOG collects the runs. Shared with the cluster tests."""
+    queue, log = env["PACKIT_BROKER_QUEUES"], Path(env["TASKAPP_LOG"])
     worker = start_users_worker(env, "prefork", [queue], tmp_path / "worker.log", queue)
     try:
         _ready(worker, tmp_path / "worker.log")
