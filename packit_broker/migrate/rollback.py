@@ -263,8 +263,11 @@ class Rollback:
         self.report.remaining = {
             lane.key: left for lane in lanes if (left := self.source.leftover(lane.key))
         }
-        if waiting := self.source.counting_down():
-            # Not attributable to one queue without consuming them; they are not moved.
+        if any(q.spec.delayed_delivery for q in plan.queues) and (
+            waiting := self.source.counting_down()
+        ):
+            # Only quorum queues receive delayed deliveries. Which of them a waiting task is for
+            # cannot be read without consuming it; counted whole, on the safe side.
             self.report.remaining[COUNTING_DOWN] = waiting
         self.report.left_in_rabbitmq = [held.as_dict() for held in self.source.held]
 

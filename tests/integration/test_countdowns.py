@@ -16,16 +16,36 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import amqp
 import pytest
 
+from packit_broker import delayed_delivery
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process
 from tests.integration import backlog
 from tests.integration.workers import REPO, start_users_worker
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _purge_delayed_delivery(stack: Stack) -> Iterator[None]:
+    """Empty kombu's delayed-delivery queues afterwards: the hour-long countdowns these tests
+    leave would otherwise come due an hour later, and a rollback test on the shared broker
+    rightly counts them as tasks not moved."""
+    yield
+    with stack.amqp_connection() as conn:
+        for queue in delayed_delivery.LEVEL_QUEUES:
+            channel = conn.channel()
+            try:
+                channel.queue_purge(queue)
+            except amqp.exceptions.NotFound:
+                continue
+            channel.close()
+
 
 START_BOUND = 5.0  # the issue's bound: an immediate task starts within 5 s
 LATE_BOUND = 5.0  # a countdown task runs within 5 s after it is due (never before)
