@@ -26,7 +26,7 @@ from packit_broker import delayed_delivery
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process
 from tests.integration import backlog
-from tests.integration.workers import REPO, start_users_worker
+from tests.integration.workers import REPO, send_tasks, start_users_worker
 
 pytestmark = pytest.mark.integration
 
@@ -59,16 +59,6 @@ def _env(stack: Stack, queue: str, queue_type: str, log: Path) -> dict[str, str]
         "PACKIT_BROKER_QUEUE_TYPE": queue_type,
         "TASKAPP_LOG": str(log),
     }
-
-
-def _send(env: dict[str, str], queue: str, count: int, label: str, countdown: float) -> None:
-    sent = subprocess.run(
-        [sys.executable, "-m", "tests.integration.users_producer", queue, str(count), label,
-         str(countdown)],
-        env={**os.environ, **env, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120,
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert sent.returncode == 0, f"producer failed:\n{sent.stdout}{sent.stderr}"
 
 
 def _runs(log: Path) -> dict[str, tuple[float, float | None]]:
@@ -126,9 +116,9 @@ def countdowns_do_not_block(env: dict[str, str], tmp_path: Path) -> None:
     worker = start_users_worker(env, "prefork", [queue], tmp_path / "worker.log", queue)
     try:
         _ready(worker, tmp_path / "worker.log")
-        _send(env, queue, 3, "hour:", HOUR)
-        _send(env, queue, 3, "soon:", 15)
-        _send(env, queue, 20, "now:", 0)
+        send_tasks(env, queue, 3, "hour:", HOUR)
+        send_tasks(env, queue, 3, "soon:", 15)
+        send_tasks(env, queue, 20, "now:", 0)
         now = {f"now:{i}" for i in range(20)}
         runs = _wait_for(log, now, 30)
         late = {

@@ -21,7 +21,7 @@ import pytest
 
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process
-from tests.integration.workers import REPO, USERS_POOLS, start_users_worker
+from tests.integration.workers import REPO, USERS_POOLS, send_tasks, start_users_worker
 
 pytestmark = pytest.mark.integration
 
@@ -30,16 +30,6 @@ TASKS = 100
 RUN_DEADLINE = 60.0  # 100 trivial tasks per worker, all four workers at once, 2 cores
 GRACE_SECONDS = 10  # the users' terminationGracePeriodSeconds
 APP = "tests.integration.usersapp"
-
-
-def _send(env: dict[str, str], queue: str, count: int, label: str, countdown: float = 0) -> None:
-    sent = subprocess.run(
-        [sys.executable, "-m", "tests.integration.users_producer", queue, str(count), label,
-         str(countdown)],
-        env={**os.environ, **env, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120,
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert sent.returncode == 0, f"producer failed:\n{sent.stdout}{sent.stderr}"
 
 
 def _ran(log: Path) -> Counter[str]:
@@ -90,7 +80,7 @@ def test_every_users_pool_runs_tasks_after_idling_and_stops_on_sigterm(
         time.sleep(IDLE_SECONDS)
 
         for pool, queue in queues.items():
-            _send(env, queue, TASKS, f"{pool}:")
+            send_tasks(env, queue, TASKS, f"{pool}:")
         sent_at = time.monotonic()
         expected = {f"{pool}:{index}" for pool in USERS_POOLS for index in range(TASKS)}
         while time.monotonic() - sent_at < RUN_DEADLINE and set(_ran(tasks_log)) != expected:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -81,3 +82,17 @@ def start_users_worker(
     proc = Process(f"celery-{pool}", argv, log, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO)
     proc.start()
     return proc
+
+
+def send_tasks(
+    env: Mapping[str, str], queue: str, count: int, label: str, countdown: float = 0
+) -> None:
+    """Send `count` usersapp.record tasks from a producer process of their own (see
+    tests/integration/users_producer.py), configured by `env` like the users' API."""
+    sent = subprocess.run(
+        [sys.executable, "-m", "tests.integration.users_producer", queue, str(count), label,
+         str(countdown)],
+        env={**os.environ, **env, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert sent.returncode == 0, f"producer failed:\n{sent.stdout}{sent.stderr}"
