@@ -30,7 +30,7 @@ from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Repo
 from packit_broker.migrate.metrics import FollowMetrics
 from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
 from packit_broker.migrate.rollback import Rollback, RollbackOptions, RollbackPlan
-from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE
+from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE, survey_etas
 from packit_broker.recovery import RECONNECT_WINDOW
 
 #: What a network, TLS, broker or Redis failure can raise; anything else is a bug and shows
@@ -69,6 +69,13 @@ def _print_plan(plan: Plan) -> None:
             f" {q.origin}; declare durable {q.spec.arguments or '{}'}"
         )
     click.echo(f"  unacked entries to move first: {plan.unacked_total}")
+    if plan.etas is not None and plan.etas.count:
+        etas = plan.etas
+        click.echo(
+            f"  not yet due: {etas.count} tasks, the farthest in {etas.farthest_seconds:.0f} s;"
+            f" {etas.delayed_delivery} through delayed delivery (quorum),"
+            f" {etas.held_past_consumer_timeout} held by a worker past consumer_timeout"
+        )
     for name, why in sorted(plan.skipped.items()):
         click.echo(f"  skipped {name!r}: {why} (never migrated)")
     for key, kind in sorted(plan.wrong_type.items()):
@@ -329,6 +336,7 @@ def migrate(
     except CONNECTION_ERRORS as exc:
         _fail(str(classify(exc, REDIS, redis_display)))
     if dry_run:
+        plan.etas = survey_etas(source, plan)
         if as_json:
             click.echo(json.dumps({"event": "plan", **plan.as_dict()}))
         else:

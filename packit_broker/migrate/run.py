@@ -8,14 +8,17 @@ selected queues are read again: whatever is still there is reported, not assumed
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from packit_broker import errors
+from packit_broker import delayed_delivery, errors
 from packit_broker.config import BrokerEndpoint
+from packit_broker.delayed_delivery import EtaSummary
 from packit_broker.envelope import (
     AmqpMessage,
     MalformedMessage,
@@ -92,6 +95,7 @@ class Plan:
     wrong_type: dict[str, str] = field(default_factory=dict)  # key -> its type
     layout_problems: list[str] = field(default_factory=list)
     unacked_readable: bool = True
+    etas: EtaSummary | None = None  # tasks not yet due; a dry run reads them (survey_etas)
 
     @property
     def refusal(self) -> str | None:
@@ -130,6 +134,7 @@ class Plan:
             "wrong_type": wrong_type_list(self.wrong_type),
             "layout": self.layout.as_options(),
             "layout_problems": list(self.layout_problems),
+            **({"eta_tasks": self.etas.as_dict()} if self.etas is not None else {}),
         }
 
 
@@ -149,6 +154,36 @@ def unacked_targets(
     if bound:
         return bound
     return [routing_key] if routing_key in known else []
+
+
+#: Entries read per LRANGE by `survey_etas` (bounds its memory by the entries' size).
+ETA_SURVEY_CHUNK = 500
+
+
+def survey_etas(source: RedisSource, plan: Plan, now: dt.datetime | None = None) -> EtaSummary:
+    """How many of the planned queues' tasks are not yet due, how far ahead, and how each will
+    wait at the destination (read-only: the lists are read in chunks, nothing is taken)."""
+    now = now or dt.datetime.now(dt.UTC)
+    summary = EtaSummary()
+    for queue in plan.queues:
+        for step, key in queue.keys.items():
+            for start in range(0, queue.counts.get(step, 0), ETA_SURVEY_CHUNK):
+                for raw in source.client.lrange(key, start, start + ETA_SURVEY_CHUNK - 1):
+                    headers = _headers_of(raw)
+                    route = delayed_delivery.delayed_route(queue.spec, headers, now)
+                    seconds = delayed_delivery.delay_seconds(headers, now)
+                    summary.add(queue.spec, seconds, route is not None)
+    return summary
+
+
+def _headers_of(raw: bytes) -> dict[str, Any]:
+    """The headers of a kombu Redis envelope; {} for what is not one (quarantined later)."""
+    try:
+        envelope = json.loads(raw)
+    except ValueError:
+        return {}
+    headers = envelope.get("headers") if isinstance(envelope, dict) else None
+    return headers if isinstance(headers, dict) else {}
 
 
 def make_plan(source: RedisSource, queues: QueueSettings, options: MigrateOptions) -> Plan:

@@ -152,8 +152,8 @@ def test_migrated_countdown_tasks_run_on_time_without_blocking(
     stack: Stack, tmp_path: Path, queue_type: str, redis_url: str
 ) -> None:
     """A Redis backlog with countdowns (an hour, 40 s) and immediate tasks, moved by `migrate`:
-    the immediate ones start within 5 s of the worker, the 40 s ones at their time, the report
-    counts the ETA tasks and how they were routed."""
+    the immediate ones start within 5 s of the worker, the 40 s ones at their time, the plan
+    and the report count the ETA tasks and how they wait."""
     queue = f"migrated-{queue_type}-{uuid.uuid4().hex[:6]}"
     log = tmp_path / "tasks.log"
     env = _env(stack, queue, queue_type, log)
@@ -165,6 +165,16 @@ def test_migrated_countdown_tasks_run_on_time_without_blocking(
                 "usersapp.record", (f"{label}{i}", due), queue=queue, countdown=countdown or None
             )
     app.close()
+
+    dry = subprocess.run(
+        [sys.executable, "-m", "packit_broker", "migrate", "--from", redis_url, "--dry-run",
+         "--json"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    planned = json.loads(dry.stdout.strip().splitlines()[-1])["eta_tasks"]
+    assert planned["count"] == 6 and HOUR - 60 < planned["farthest_seconds"] <= HOUR
+    assert planned["through_delayed_delivery"] == (6 if queue_type == "quorum" else 0)
 
     done = subprocess.run(
         [sys.executable, "-m", "packit_broker", "migrate", "--from", redis_url, "--json"],
