@@ -37,7 +37,7 @@ from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process, StackError
 from tests.integration.conftest import CLUSTER_REPORT
 from tests.integration.test_check import run_check
-from tests.integration.test_countdowns import countdowns_do_not_block
+from tests.integration.test_countdowns import QUEUE_TYPES, countdowns_do_not_block
 from tests.integration.test_migrate import run_migrate
 from tests.integration.test_migrate_faults import fill, start_migrate, wait_for_progress
 from tests.rig.cluster import Host, NamespaceCluster
@@ -298,7 +298,7 @@ def test_check_warns_when_classic_queues_run_on_the_cluster(cluster: NamespaceCl
     assert "PACKIT_BROKER_QUEUE_TYPE=quorum" in run_check(classic)[2]
 
 
-@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
 def test_countdowns_do_not_block_workers_on_the_cluster(
     cluster: NamespaceCluster, tmp_path: Path, queue_type: str
 ) -> None:
