@@ -5,6 +5,8 @@ On Celery's `worker_init` signal, for the worker's app:
   heartbeats on (below);
 - `DeadLetterQueues`: the dead-letter queue of each quorum queue the worker consumes exists
   (`packit_broker.queues.DEAD_LETTER_SUFFIX`), so a task past its delivery limit is kept;
+- `ChannelPrefetch`: a worker of classic queues on RabbitMQ 4.x keeps the channel-wide prefetch
+  that lets it take more tasks while it holds countdown tasks (below);
 - an ERROR in the worker log when the app's result backend was not built by `celery_config()`
   (a Redis the private side cannot reach; readers and writers on different backends).
 
@@ -20,6 +22,17 @@ receives a task. The worker then stops consuming and cannot act on SIGTERM. The 
 every use of that connection on the dispatcher's own mutex: the loop's drain and the heartbeat
 check skip a cycle while an event is being published (the publish itself is traffic the broker
 counts as a heartbeat) instead of reading beside it. Prefork and threads workers are untouched.
+
+The countdown block on classic queues: Celery holds a task whose ETA is ahead unacknowledged and
+raises the prefetch count by one (`basic.qos`) so the worker can take the next task meanwhile.
+Only a channel-wide prefetch (`global=true` in RabbitMQ's terms) changes for a consumer that is
+already running; a per-consumer one applies to consumers started later. kombu 5.7 reports
+per-consumer semantics for every RabbitMQ from 4.0 (celery/kombu#2481), so a prefetch-1 worker
+holding one countdown task takes nothing else until it is due. On classic queues the step puts
+the channel-wide prefetch back where the broker permits it (RabbitMQ 4.0-4.2 by default; 4.3
+denies it unless `deprecated_features.permit.global_qos = true`) and says in the worker log how
+to get out when it does not. Quorum queues need neither: countdowns go through native delayed
+delivery (`packit_broker.delayed_delivery`) and the worker holds none.
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ from celery import bootsteps, signals
 
 EVENTS_STEP = "celery.worker.consumer.events:Events"
 TASKS_STEP = "celery.worker.consumer.tasks:Tasks"
+#: Brokers (host, port, vhost) this process found to refuse a channel-wide prefetch.
+_no_channel_prefetch: set[tuple[str, int, str]] = set()
 logger = logging.getLogger("packit_broker.celery_worker")
 
 
@@ -102,6 +117,88 @@ class DeadLetterQueues(bootsteps.StartStopStep):  # type: ignore[misc]
                 )
 
 
+class ChannelPrefetch(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: channel-wide prefetch for a classic-queue worker on RabbitMQ 4.x.
+
+    Runs after Celery's task step and before the consumer starts: with no quorum queue
+    consumed and Celery set for a per-consumer prefetch, it lifts the per-consumer limit and
+    moves the same count to the channel, where Celery's ETA increments take effect.
+    """
+
+    requires = (TASKS_STEP,)
+
+    def start(self, c: Any) -> None:
+        consumer = getattr(c, "task_consumer", None)
+        if consumer is None or c.connection is None or getattr(c, "qos_global", None) is not False:
+            return
+        if not _classic_only(consumer.queues) or not _is_rabbitmq(c.connection):
+            return
+        if not _channel_prefetch_permitted(c.connection):
+            logger.error("packit-broker: %s", NO_CHANNEL_PREFETCH)
+            return
+        consumer.qos(prefetch_count=0, apply_global=False)  # no per-consumer limit on top
+
+        def set_prefetch_count(prefetch_count: int) -> Any:
+            return consumer.qos(prefetch_count=prefetch_count, apply_global=True)
+
+        c.qos_global = True
+        c.qos.callback = set_prefetch_count
+        c.qos.set(c.qos.value)
+
+
+NO_CHANNEL_PREFETCH = (
+    "RabbitMQ refuses a channel-wide prefetch (basic.qos global, a deprecated feature denied by"
+    " default from RabbitMQ 4.3): Celery cannot raise this worker's prefetch while it holds a"
+    " countdown task from a classic queue, so each such task blocks one slot of the worker until"
+    " its ETA. Fix: quorum queues (PACKIT_BROKER_QUEUE_TYPE=quorum; countdowns then go through"
+    " native delayed delivery), or on every RabbitMQ node"
+    " `deprecated_features.permit.global_qos = true` (docs/usage.md, countdowns)"
+)
+
+
+def _classic_only(queues: Any) -> bool:
+    """Whether none of the queues is a quorum queue (whose countdowns need no prefetch)."""
+    return all((q.queue_arguments or {}).get("x-queue-type") != "quorum" for q in queues)
+
+
+def _is_rabbitmq(connection: Any) -> bool:
+    """Whether the worker's broker is RabbitMQ over AMQP 0-9-1."""
+    if connection.transport.driver_type != "amqp":
+        return False
+    properties = getattr(connection.connection, "server_properties", None) or {}
+    return properties.get("product") in ("RabbitMQ", b"RabbitMQ")
+
+
+def _channel_prefetch_permitted(connection: Any) -> bool:
+    """Whether the broker accepts `basic.qos` with `global=true`, tried on a connection of its own.
+
+    RabbitMQ answers a denied deprecated feature by closing the channel or the connection, so
+    the question goes over a throwaway connection; a broker that refused once is not asked again.
+    If that connection cannot be opened the answer is yes: the worker then behaves as Celery
+    did before kombu 5.7, and Celery's own recovery handles a refusal on its channel.
+    """
+    info = connection.info()
+    key = (str(info.get("hostname")), int(info.get("port") or 0), str(info.get("virtual_host")))
+    if key in _no_channel_prefetch:
+        return False
+    probe = connection.clone()
+    try:
+        try:
+            probe.connect()
+        except probe.connection_errors:
+            return True
+        try:
+            channel = probe.channel()
+            channel.basic_qos(0, 1, True)
+            channel.close()
+        except probe.connection_errors + probe.channel_errors:
+            _no_channel_prefetch.add(key)
+            return False
+    finally:
+        probe.release()
+    return True
+
+
 def dead_letter_target(arguments: dict[str, Any]) -> str | None:
     """The queue a queue's arguments dead-letter into through the default exchange, if any."""
     routing_key = arguments.get("x-dead-letter-routing-key")
@@ -153,6 +250,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         return
     app.steps["consumer"].add(GreenEventConnectionGuard)
     app.steps["consumer"].add(DeadLetterQueues)
+    app.steps["consumer"].add(ChannelPrefetch)
     problem = unowned_backend(app.conf.result_backend)
     if problem is not None:
         logger.error("packit-broker: %s", problem)

@@ -310,6 +310,7 @@ def test_countdowns_do_not_block_workers_on_the_cluster(
         **client_env(cluster, queue),
         "PACKIT_BROKER_QUEUE_TYPE": queue_type,
         "TASKAPP_LOG": str(tmp_path / "tasks.log"),
+        "USERSAPP_KOMBU_4X_QOS": "1",  # as tests/integration/test_countdowns.py
     }
     countdowns_do_not_block(env, tmp_path)
 

@@ -14,6 +14,14 @@ from celery import Celery
 
 from packit_broker import celery_config
 
+if os.environ.get("USERSAPP_KOMBU_4X_QOS"):
+    # What kombu (>= 5.7) reports for RabbitMQ 4.x, forced on any version: per-consumer
+    # prefetch semantics (celery/kombu#2481). Lets RabbitMQ 3.10 show the classic-queue
+    # countdown case packit_broker.celery_worker.ChannelPrefetch exists for.
+    from kombu.transport import pyamqp
+
+    pyamqp.Transport.qos_semantics_matches_spec = lambda self, connection: True
+
 # Theirs is `Celery(broker=redis db 0, backend=redis db 1)`; a test sets the backend this way.
 app = Celery("usersapp", backend=os.environ.get("USERSAPP_RESULT_BACKEND") or None)
 app.conf.update(celery_config())
