@@ -45,6 +45,8 @@ from urllib.parse import urlsplit
 
 from celery import bootsteps, signals
 
+from packit_broker.queues import is_quorum, quorum_arguments
+
 EVENTS_STEP = "celery.worker.consumer.events:Events"
 TASKS_STEP = "celery.worker.consumer.tasks:Tasks"
 #: Brokers (host, port, vhost) this process found to refuse a channel-wide prefetch.
@@ -113,7 +115,7 @@ class DeadLetterQueues(bootsteps.StartStopStep):  # type: ignore[misc]
             target = dead_letter_target(queue.queue_arguments or {})
             if target is not None:
                 channel.queue_declare(
-                    target, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"}
+                    target, durable=True, auto_delete=False, arguments=quorum_arguments()
                 )
 
 
@@ -158,7 +160,7 @@ NO_CHANNEL_PREFETCH = (
 
 def _classic_only(queues: Any) -> bool:
     """Whether none of the queues is a quorum queue (whose countdowns need no prefetch)."""
-    return all((q.queue_arguments or {}).get("x-queue-type") != "quorum" for q in queues)
+    return not any(is_quorum(q.queue_arguments) for q in queues)
 
 
 def _is_rabbitmq(connection: Any) -> bool:

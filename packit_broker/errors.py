@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from packit_broker.queues import is_quorum
+
 REDIS, RABBITMQ, POSTGRESQL = "Redis", "RabbitMQ", "PostgreSQL"
 
 
@@ -106,7 +108,7 @@ def existing_arguments(
 
 def _lacks_dead_letter(wanted: Mapping[str, Any], existing: Mapping[str, Any] | None) -> bool:
     """An existing quorum queue that only misses the dead-letter arguments we add."""
-    if existing is None or existing.get("x-queue-type") != "quorum":
+    if existing is None or not is_quorum(existing):
         return False
     dead_letter = ("x-dead-letter-exchange", "x-dead-letter-routing-key", "x-delivery-limit")
     rest = {k: v for k, v in wanted.items() if k not in dead_letter}

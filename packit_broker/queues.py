@@ -7,6 +7,7 @@ channel), so the arguments are computed here and nowhere else.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,16 @@ REPLICAS_SERVER_PROPERTY = "packit_replicas"
 class QueueType(enum.Enum):
     CLASSIC = "classic"
     QUORUM = "quorum"
+
+
+def quorum_arguments() -> dict[str, Any]:
+    """The queue arguments that make a queue a quorum queue (a fresh dict to extend)."""
+    return {"x-queue-type": QueueType.QUORUM.value}
+
+
+def is_quorum(arguments: Mapping[str, Any] | None) -> bool:
+    """Whether queue arguments declare a quorum queue."""
+    return (arguments or {}).get("x-queue-type") == QueueType.QUORUM.value
 
 
 #: The queue type of kombu's native delayed delivery queues (`celery_delayed_0..27`), as
@@ -77,7 +88,7 @@ class QueueSpec:
     def arguments(self) -> dict[str, Any]:
         args: dict[str, Any] = {}
         if self.queue_type is QueueType.QUORUM:
-            args["x-queue-type"] = "quorum"
+            args.update(quorum_arguments())
             # Queue arguments, not a policy: an operator's own policy (max-length, say) would
             # replace a policy of ours whole, and `check` can verify arguments over AMQP.
             args["x-delivery-limit"] = DELIVERY_LIMIT
@@ -94,7 +105,7 @@ class QueueSpec:
                 self.dead_letter_queue,
                 durable=True,
                 auto_delete=False,
-                arguments={"x-queue-type": "quorum"},
+                arguments=quorum_arguments(),
             )
 
     def kombu_queue(self) -> Any:
