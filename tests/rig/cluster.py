@@ -71,6 +71,14 @@ def _ip(*args: str, check: bool = True) -> str:
     return result.stdout
 
 
+def _tail(path: Path, lines: int = 25) -> str:
+    """The end of a node's log, for a failure message (empty if there is none)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def _networks_in_use() -> list[ipaddress.IPv4Network]:
     """Every IPv4 network this machine has an address in or a route to (except `default`)."""
     used: list[ipaddress.IPv4Network] = []
@@ -353,7 +361,12 @@ class NamespaceCluster(RenderedNodes):
                 return
             time.sleep(1)
         views = {h.node: sorted(self.running_nodes(h)) for h in self.hosts}
-        raise StackError(f"the cluster did not form within {timeout:.0f}s: {views}")
+        tails = "".join(
+            f"\n--- {h.node}: the end of its log ---\n{_tail(h.folder / 'log' / f'{h.node}.log')}"
+            for h in self.hosts
+            if set(views[h.node]) != everyone
+        )
+        raise StackError(f"the cluster did not form within {timeout:.0f}s: {views}{tails}")
 
     def stop(self) -> None:
         """Router, nodes, epmds, then namespaces and the bridge: nothing is left behind."""
