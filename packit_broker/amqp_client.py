@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -25,6 +26,19 @@ class BlockAwareConnection(amqp.Connection):  # type: ignore[misc]
         **amqp.Connection._METHODS,
         spec.Connection.Blocked: spec.method(spec.Connection.Blocked, "s"),
     }
+
+    def certificate_expiry(self) -> float | None:
+        """When the server certificate verified on this connection expires (Unix time), for
+        the expiry alert; None without TLS or before connecting."""
+        sock = getattr(self.transport, "sock", None)
+        getpeercert = getattr(sock, "getpeercert", None)
+        if getpeercert is None:
+            return None
+        try:
+            not_after = (getpeercert() or {}).get("notAfter")
+        except ValueError:  # not connected (any more)
+            return None
+        return float(ssl.cert_time_to_seconds(str(not_after))) if not_after else None
 
     def _on_blocked(self, reason: str = "connection blocked") -> Any:
         if self.on_blocked:

@@ -12,8 +12,11 @@ how long RabbitMQ takes to confirm a batch, and whether the bridge is connected 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from packit_broker.migrate.driver import Progress
 from packit_broker.migrate.report import Report
@@ -34,9 +37,11 @@ class FollowMetrics:
         )
         self.quarantined = Gauge(
             "packit_migrate_quarantined",
-            "Entries set aside with a reason so far (see the report)",
+            "Deprecated (one release): packit_migrate_quarantined_total",
             registry=self.registry,
         )
+        self._report: Report | None = None
+        self.registry.register(_QuarantineCollector(self))
         self.pending = Gauge(
             "packit_migrate_pending",
             "Messages still waiting in the source, per queue",
@@ -65,16 +70,28 @@ class FollowMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.certificate_expiry = Gauge(
+            "packit_migrate_certificate_expiry_timestamp_seconds",
+            "When RabbitMQ's server certificate, as verified on the last connection, expires",
+            registry=self.registry,
+        )
         self._last_move = time.monotonic()
+        self.last_move = Gauge(
+            "packit_migrate_last_move_timestamp_seconds",
+            "When a message was last moved (the run's start until one is)",
+            registry=self.registry,
+        )
+        self.last_move.set(time.time())
         since = Gauge(
             "packit_migrate_seconds_since_last_move",
-            "Seconds since a message was last moved",
+            "Deprecated (one release): time() - packit_migrate_last_move_timestamp_seconds",
             registry=self.registry,
         )
         since.set_function(lambda: time.monotonic() - self._last_move)
 
     def watch(self, report: Report) -> None:
         """Quarantine count straight from the report: one source of truth."""
+        self._report = report
         self.quarantined.set_function(lambda: len(report.quarantine))
 
     def serve(self, port: int, address: str = "0.0.0.0") -> None:
@@ -103,3 +120,27 @@ class FollowMetrics:
         if moved:
             self.moved.labels(queue).inc(moved)
             self._last_move = time.monotonic()
+            self.last_move.set(time.time())
+
+    def set_certificate_expiry(self, expires_at: float | None) -> None:
+        """What the last connection's verified certificate says (kept if it says nothing)."""
+        if expires_at is not None:
+            self.certificate_expiry.set(expires_at)
+
+    def quarantined_count(self) -> int:
+        return len(self._report.quarantine) if self._report is not None else 0
+
+
+class _QuarantineCollector(Collector):
+    """`packit_migrate_quarantined_total`: a counter read from the report (one source of
+    truth), as the quarantine only ever grows during a run."""
+
+    def __init__(self, metrics: FollowMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "packit_migrate_quarantined",
+            "Entries set aside with a reason so far (see the report)",
+            value=self.metrics.quarantined_count(),
+        )

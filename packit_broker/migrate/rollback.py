@@ -240,6 +240,7 @@ class Rollback:
         if self.metrics is not None:
             self.metrics.watch(self.report)
             self.metrics.connected.set(1)
+            self.metrics.set_certificate_expiry(self.source.connection.certificate_expiry())
             progress = self.metrics.counting(progress)
             on_batch = self.metrics.observe_batch
         driver: Driver[RedisEntry] = Driver(

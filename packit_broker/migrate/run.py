@@ -350,6 +350,8 @@ class Migration:
         sink: AmqpSink | None = self._sink().connect()
         while sink is not None:
             self._set_connected(True)
+            if self.metrics is not None:
+                self.metrics.set_certificate_expiry(sink.connection.certificate_expiry())
             connected_at = time.monotonic()
             try:
                 self._use(sink, plan)

@@ -89,7 +89,25 @@ def whole(cluster: NamespaceCluster) -> None:
     for host in cluster.hosts:
         if not host.server.running:
             cluster.start_node(host)
+    rejoin(cluster, 120)
+
+
+def rejoin(cluster: NamespaceCluster, timeout: float) -> str:
+    """Wait for the cluster; a node still out after `timeout` is restarted as an operator
+    would (`oc delete pod`), and must then rejoin. Says which happened, for the report: an
+    earlier scenario's failure must not become the next one's."""
+    try:
+        cluster.wait_clustered(timeout)
+        return "rejoined by itself"
+    except StackError as stuck:
+        CLUSTER_REPORT.append(f"a node stayed out of the cluster, restarted: {stuck}")
+    everyone = {h.node for h in cluster.hosts}
+    for host in cluster.hosts:
+        if cluster.running_nodes(host) != everyone:
+            cluster.kill(host)
+            cluster.start_node(host)
     cluster.wait_clustered(120)
+    return f"did not rejoin within {timeout:.0f} s; rejoined after a pod restart"
 
 
 # -- workers and their logs ------------------------------------------------------------------
@@ -424,7 +442,7 @@ def test_cut_off_node_pauses_and_nothing_confirmed_is_lost(
         cluster.heal(victim)
         healed_at = time.time()
         recovery = recovery_after(pool, healed_at)
-        cluster.wait_clustered(120)
+        rejoined = rejoin(cluster, 120)
         assert producer.done.wait(240), "the producer did not finish"
         runs = wait_all_ran(pool, labels, 180)
         assert all(worker.process.running for worker in pool), "a worker died"
@@ -435,7 +453,7 @@ def test_cut_off_node_pauses_and_nothing_confirmed_is_lost(
         f", worker recovery after heal {max(recovery):.1f} s, publish errors"
         f" {len(producer.errors)}, longest apply_async {producer.longest_call:.1f} s,"
         f" router's view of the cut pod after 25 s: {router_view[victim.node]},"
-        f" the cut pod paused after {paused_after or 'never'} s",
+        f" the cut pod paused after {paused_after or 'never'} s, then {rejoined}",
     )
     assert paused_after is not None, f"the cut-off node kept running {PAUSE_BUDGET} s"
     # A cut changes no endpoint; the health checks (5 s apart, 5 s timeout, fall 3) need ~30 s.

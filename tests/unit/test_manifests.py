@@ -7,6 +7,7 @@ OpenShift API reference, plus the router's rules for passthrough routes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from packit_broker import render as engine
 from packit_broker.queues import REPLICAS_SERVER_PROPERTY
+from packit_broker.render import find_objects
 
 K8S_VERSION = kubernetes_validate.latest_version()
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +31,7 @@ REQUIRED_PARAMS: dict[str, dict[str, str]] = {
         "REDIS_URL": "redis://:redis-s3cret-pw@redis:6379/0",
     },
     "rabbitmq": {"ROUTE_HOST": "amqp.apps.example.com"},
+    "monitoring": {},
     "postgresql-route": {"ROUTE_HOST": "postgres.apps.example.com"},
     "worker": {
         "IMAGE": "quay.io/packit/worker:latest",
@@ -77,6 +80,114 @@ TEMPLATE_SCHEMA = {
 }
 
 # route.openshift.io/v1 Route, the fields this project may use (strict: nothing else).
+#: prometheus-operator's Duration pattern (monitoring.coreos.com/v1).
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
+    r"(([0-9]+)ms)?)$",
+}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+#: The fields of monitoring.coreos.com/v1 PodMonitor and PrometheusRule this project uses, as
+#: their CRDs define them (prometheus-operator), strict: a misspelt field fails.
+MONITORING_SCHEMAS: dict[str, dict[str, Any]] = {
+    "PodMonitor": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PodMonitor"},
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "podMetricsEndpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"matchLabels": _STRINGS},
+                    },
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["port"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string", "pattern": "^/"},
+                                "interval": _DURATION,
+                                "params": {
+                                    "type": "object",
+                                    "additionalProperties": {
+                                        "type": "array",
+                                        "items": {"type": "string"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "PrometheusRule": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PrometheusRule"},
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string", "minLength": 1},
+                                "interval": _DURATION,
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["alert", "expr"],
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "alert": {"type": "string", "minLength": 1},
+                                            "expr": {"type": "string", "minLength": 1},
+                                            "for": _DURATION,
+                                            "labels": _STRINGS,
+                                            "annotations": _STRINGS,
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+            },
+        },
+    },
+}
+
 ROUTE_SCHEMA = {
     "type": "object",
     "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -224,7 +335,7 @@ def test_top_level_manifests_are_relative_symlinks(name: str) -> None:
     assert link.resolve() == Path(engine.bundled_templates()[name]).resolve()
 
 
-@pytest.mark.parametrize("name", sorted(REQUIRED_PARAMS))
+@pytest.mark.parametrize("name", sorted(n for n, params in REQUIRED_PARAMS.items() if params))
 def test_render_without_required_names_them(name: str) -> None:
     with pytest.raises(engine.RenderError) as info:
         engine.process(engine.load_template(name), {})
@@ -260,6 +371,8 @@ def test_kubernetes_objects_validate_strictly(case: tuple[str, dict[str, Any]]) 
     _, obj = case
     if obj["kind"] == "Route":
         jsonschema.validate(obj, ROUTE_SCHEMA)
+    elif obj["kind"] in MONITORING_SCHEMAS:
+        jsonschema.validate(obj, MONITORING_SCHEMAS[obj["kind"]])
     else:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -512,7 +625,11 @@ def test_network_policy() -> None:
         assert peers == [
             {"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}
         ]
-    assert [peer for rule in _rules_for(policy, 15692) for peer in rule["from"]] == [same_namespace]
+    monitoring = {
+        "namespaceSelector": {"matchLabels": {"network.openshift.io/policy-group": "monitoring"}}
+    }
+    metrics_sources = [peer for rule in _rules_for(policy, 15692) for peer in rule["from"]]
+    assert metrics_sources == [same_namespace, monitoring]
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert allowed == {5671, 4369, 25672, 15692}
 
@@ -839,3 +956,31 @@ def test_bridge_docs_list_every_parameter_and_the_command() -> None:
     declared = {p["name"] for p in engine.load_template("bridge")["parameters"]}
     assert documented == declared
     assert f"`{' '.join(BRIDGE_COMMAND)}`" in " ".join(section.split())
+
+
+def test_monitoring_selects_the_pods_the_other_templates_make() -> None:
+    """The PodMonitors select the rabbitmq StatefulSet's and the bridge Deployment's pod labels
+    and name ports those pods declare; the same NAME defaults tie them together."""
+    monitors = {
+        m["metadata"]["name"]: m for m in find_objects(rendered("monitoring"), "PodMonitor")
+    }
+    for monitor, template, kind in (
+        ("packit-broker-rabbitmq", "rabbitmq", "StatefulSet"),
+        ("packit-broker-bridge", "bridge", "Deployment"),
+    ):
+        pod = one(rendered(template), kind)["spec"]["template"]
+        selector = monitors[monitor]["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod["metadata"]["labels"].items()
+        ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        assert {e["port"] for e in monitors[monitor]["spec"]["podMetricsEndpoints"]} <= ports
+
+
+def test_monitoring_dashboard_is_json_with_a_query_per_panel() -> None:
+    (board,) = [
+        json.loads(text)
+        for c in find_objects(rendered("monitoring"), "ConfigMap")
+        for text in c["data"].values()
+    ]
+    assert board["panels"] and all(
+        p["targets"] and p["targets"][0]["expr"] for p in board["panels"]
+    )
