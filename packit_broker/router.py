@@ -64,6 +64,9 @@ class RouterConfig:
     #: HAProxy's runtime API (the router's `stats socket ... level admin`), if wanted: the rig
     #: takes a pod out of a backend through it, as a Service's endpoints change.
     admin_socket: Path | None = None
+    #: The OpenShift router's ROUTER_HARD_STOP_AFTER: how long the previous HAProxy of a reload
+    #: keeps its sessions before it is stopped, cutting every client still on it.
+    hard_stop_after: str | None = None
 
 
 def _backend_name(route: PassthroughRoute) -> str:
@@ -96,6 +99,7 @@ def haproxy_config(config: RouterConfig) -> str:
     lines = [
         "global",
         "  maxconn 4096",
+        *([f"  hard-stop-after {config.hard_stop_after}"] if config.hard_stop_after else []),
         *(
             [f"  stats socket {config.admin_socket} mode 600 level admin"]
             if config.admin_socket

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +31,12 @@ def router_process(
     routes: tuple[PassthroughRoute, ...],
     *,
     admin: bool = False,
+    hard_stop_after: str | None = None,
 ) -> Process:
     """Write and validate haproxy.cfg under `folder`; the (not yet started) HAProxy process.
 
-    With `admin`, HAProxy's runtime API listens on `folder`/admin.sock (see `runtime_command`).
+    With `admin`, HAProxy's runtime API listens on `folder`/admin.sock (see `runtime_command`);
+    with `hard_stop_after`, a reload (`reload_router`) cuts the old process's sessions then.
     """
     binary = require("haproxy", "haproxy")
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,6 +46,7 @@ def router_process(
         sni_socket=folder / "fe_sni.sock",
         routes=routes,
         admin_socket=folder / "admin.sock" if admin else None,
+        hard_stop_after=hard_stop_after,
     )
     cfg = folder / "haproxy.cfg"
     cfg.write_text(haproxy_config(config))
@@ -65,9 +69,12 @@ def start_router(
     routes: tuple[PassthroughRoute, ...],
     *,
     admin: bool = False,
+    hard_stop_after: str | None = None,
 ) -> Process:
     """A running router stand-in on 127.0.0.1:`port`; stopped again if it does not come up."""
-    process = router_process(folder, port, default_cert_pem, routes, admin=admin)
+    process = router_process(
+        folder, port, default_cert_pem, routes, admin=admin, hard_stop_after=hard_stop_after
+    )
     process.start()
     try:
         wait_until(lambda: tcp_open(port), process, 20, f"haproxy (router on {port})")
@@ -75,6 +82,25 @@ def start_router(
         process.stop()
         raise
     return process
+
+
+def reload_router(running: Process, settle: float = 0.5) -> Process:
+    """Reload as the OpenShift router does on every Route change: a new HAProxy from the same
+    configuration takes over the listeners (`-sf`: the old one stops accepting and keeps its
+    sessions until they end or its `hard-stop-after` passes). The new process; the old one
+    exits on its own and is the caller's to reap (`Process.stop` after hard-stop-after)."""
+    if running.pid is None or not running.running:
+        raise StackError("the router to reload is not running")
+    argv = list(running.argv)
+    if "-sf" in argv:  # an earlier reload's `-sf PID`: only the running one is replaced
+        at = argv.index("-sf")
+        del argv[at : at + 2]
+    successor = Process(running.name, [*argv, "-sf", str(running.pid)], running.log)
+    successor.start()
+    time.sleep(settle)
+    if not successor.running:
+        raise StackError(f"the reloaded router exited:\n{successor.log_tail()}")
+    return successor
 
 
 def runtime_command(folder: Path, command: str) -> str:

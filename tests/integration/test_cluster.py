@@ -116,7 +116,9 @@ def rejoin(cluster: NamespaceCluster, timeout: float) -> str:
 @dataclass
 class Worker:
     process: Process
-    log: Path  # one line per task run: label, task id, routing key, time
+    #: one line per task run: taskapp's label, task id, routing key, time; or usersapp's
+    #: label, time, when it was due
+    log: Path
 
     def lines(self) -> list[tuple[str, float]]:
         try:
@@ -128,6 +130,8 @@ class Worker:
             parts = line.split("\t")
             if len(parts) == 4:
                 rows.append((parts[0], float(parts[3])))
+            elif len(parts) == 3:
+                rows.append((parts[0], float(parts[1])))
         return rows
 
 
@@ -188,6 +192,7 @@ class Producer:
 
     app: Celery
     labels: list[str]
+    task: str = "taskapp.record"
     errors: list[str] = field(default_factory=list)
     longest_call: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
@@ -200,7 +205,7 @@ class Producer:
                 while True:
                     began = time.monotonic()
                     try:
-                        self.app.send_task("taskapp.record", args=[label])
+                        self.app.send_task(self.task, args=[label])
                     except Exception as exc:  # counted; the same label is sent again
                         self.errors.append(f"{type(exc).__name__}: {exc}")
                         time.sleep(0.5)
