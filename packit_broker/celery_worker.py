@@ -23,6 +23,16 @@ every use of that connection on the dispatcher's own mutex: the loop's drain and
 check skip a cycle while an event is being published (the publish itself is traffic the broker
 counts as a heartbeat) instead of reading beside it. Prefork and threads workers are untouched.
 
+The green-pool reconnect stall: Celery's `worker-heartbeat` event is published with `retry=True`
+and no retry policy, which kombu takes as "reconnect forever", under the dispatcher's mutex.
+When the broker connection is cut (a router reload with `hard-stop-after`, a node loss), the
+heartbeat timer greenlet starts reconnecting the old event connection while the consumer's
+restart closes that very connection and then waits for the mutex to retire the dispatcher: the
+heartbeat greenlet never gets its connection, the restart never ends, and the worker logs
+"Connected to amqps://..." and never consumes again. The guard publishes every event of a green
+worker without retry, as Celery already does for task events: the consumer's restart builds a
+new dispatcher on a new connection, and a heartbeat missed while it does is logged and dropped.
+
 The countdown block on classic queues: Celery holds a task whose ETA is ahead unacknowledged and
 raises the prefetch count by one (`basic.qos`) so the worker can take the next task meanwhile.
 Only a channel-wide prefetch (`global=true` in RabbitMQ's terms) changes for a consumer that is
@@ -83,6 +93,30 @@ def guard_event_connection(connection: Any, mutex: Any) -> None:
     connection.heartbeat_check = _skip_while_busy(mutex, connection.heartbeat_check, lambda: None)
 
 
+def publish_without_retry(dispatcher: Any, errors: tuple[type[BaseException], ...]) -> None:
+    """Make `dispatcher.send` try once: a retry would reconnect forever under its mutex.
+
+    A send that asked for a retry (the worker heartbeat) and meets a lost connection is logged
+    and dropped instead of raised in its timer greenlet; other sends raise as they did.
+    """
+    send = dispatcher.send
+    if getattr(send, "__wrapped__", None) is not None:
+        return
+
+    def send_once(type: str, *args: Any, retry: bool = False, **kwargs: Any) -> Any:
+        kwargs.pop("retry_policy", None)
+        try:
+            return send(type, *args, retry=False, **kwargs)
+        except errors as exc:
+            if not retry:
+                raise
+            logger.info("packit-broker: %s event not sent, connection lost (%r)", type, exc)
+            return None
+
+    send_once.__wrapped__ = send  # type: ignore[attr-defined]
+    dispatcher.send = send_once
+
+
 class GreenEventConnectionGuard(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consumer step that guards the event connection of green-pool workers (see module doc)."""
 
@@ -94,6 +128,10 @@ class GreenEventConnectionGuard(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         if dispatcher.connection is not None:
             guard_event_connection(dispatcher.connection, dispatcher.mutex)
+            connection = dispatcher.connection
+            publish_without_retry(
+                dispatcher, tuple(connection.connection_errors) + tuple(connection.channel_errors)
+            )
 
 
 class DeadLetterQueues(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -115,6 +115,33 @@ def test_guard_skips_drain_and_heartbeat_while_an_event_is_published() -> None:
     assert connection.drain_events.__wrapped__.__name__ == "drain_events"
 
 
+class _Dispatcher:
+    """Records how events are sent; the connection is gone when `lost` is set."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bool]] = []
+        self.lost = False
+
+    def send(self, type: str, retry: bool = False, **fields: Any) -> str:
+        self.sent.append((type, retry))
+        if self.lost:
+            raise ConnectionResetError("cut by the router")
+        return type
+
+
+def test_green_events_are_sent_once_and_a_lost_heartbeat_is_dropped() -> None:
+    dispatcher = _Dispatcher()
+    celery_worker.publish_without_retry(dispatcher, (OSError,))
+    celery_worker.publish_without_retry(dispatcher, (OSError,))  # again: not wrapped twice
+    assert dispatcher.send("worker-heartbeat", retry=True, freq=2.0) == "worker-heartbeat"
+    assert dispatcher.send("task-started", uuid="x") == "task-started"
+    dispatcher.lost = True
+    assert dispatcher.send("worker-heartbeat", retry=True, retry_policy={"max_retries": 9}) is None
+    with pytest.raises(ConnectionResetError):  # a task event raises, as Celery's do
+        dispatcher.send("task-succeeded", uuid="x")
+    assert [retry for _, retry in dispatcher.sent] == [False] * 4
+
+
 @pytest.mark.parametrize(
     ("backend", "flagged"),
     [
