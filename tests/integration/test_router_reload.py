@@ -47,6 +47,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault]
 HARD_STOP_AFTER = 3.0  # seconds; clusters use minutes to an hour, the cut is the same
 RELOADS = 3
 RELOAD_EVERY = 10.0  # seconds between reloads: each cut recovered from before the next
+PAUSE = 0.05  # seconds between two apply_async: a steady load, not a burst
+#: Long enough that both producers still publish at the last cut (checked at each cut).
+LOAD_SECONDS = RELOADS * (RELOAD_EVERY + HARD_STOP_AFTER) + 20
 
 
 class ReloadingRouter:
@@ -109,8 +112,8 @@ def test_router_reloads_under_load_lose_nothing_and_workers_come_back(
         "PACKIT_BROKER_CONNECT_TO": f"127.0.0.1:{router.port}",
         "PACKIT_BROKER_QUEUES": queue,
     }
-    direct = [f"p{i}" for i in range(600)]
-    bridged = [f"b{i}" for i in range(300)]
+    direct = [f"p{i}" for i in range(int(LOAD_SECONDS / PAUSE))]
+    bridged = [f"b{i}" for i in range(int(LOAD_SECONDS / (2 * PAUSE)))]
     pool = [
         Worker(
             start_users_worker(
@@ -129,15 +132,17 @@ def test_router_reloads_under_load_lose_nothing_and_workers_come_back(
         producer = Producer(producer_app(env), ["warm-up"], task="usersapp.record")
         producer.run()
         wait_ran_at_least(pool, 1, 60)
-        producer = Producer(producer_app(env), direct, task="usersapp.record", pause=0.05)
+        producer = Producer(producer_app(env), direct, task="usersapp.record", pause=PAUSE)
         producer.start()
-        from_redis = redis_producer(redis_url, queue, bridged, pause=0.1)
+        from_redis = redis_producer(redis_url, queue, bridged, pause=2 * PAUSE)
         cuts, recoveries = [], []
         for _ in range(RELOADS):
             time.sleep(RELOAD_EVERY / 2)
             cut = router.reload()
             cuts.append(cut)
             time.sleep(max(0.0, cut - time.time()))
+            assert not producer.done.is_set(), "the load ended before the cut: raise LOAD_SECONDS"
+            assert from_redis.is_alive(), "the Redis load ended before the cut: raise LOAD_SECONDS"
             recoveries.append(recovery_after(pool, cut))
             time.sleep(RELOAD_EVERY / 2)
         assert producer.done.wait(120), "the producer did not finish"
