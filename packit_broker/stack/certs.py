@@ -8,7 +8,7 @@ CA bundle does not trust.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ class Pki:
     router_ca_file: Path
     router_default_pem: Path  # HAProxy's `crt`: key + wildcard certificate
     client: ServerCert  # a client certificate, for mutual-TLS checks
+    #: the services' CA (a trustme.CA), to issue renewed certificates (rotation tests)
+    authority: Any = field(default=None, compare=False, repr=False)
 
 
 def _write(cert: object, folder: Path, stem: str) -> ServerCert:
@@ -75,7 +77,7 @@ def make_pki(folder: Path, hosts: tuple[str, ...], wildcard_domain: str) -> Pki:
         out.write(router_cert.private_key_pem.bytes())
         for pem in router_cert.cert_chain_pems:
             out.write(pem.bytes())
-    return Pki(folder, ca_file, server, router_ca_file, router_pem, client)
+    return Pki(folder, ca_file, server, router_ca_file, router_pem, client, authority=ca)
 
 
 def issue_extra(
