@@ -384,15 +384,18 @@ def test_rolling_restart_under_load_loses_nothing(
         producer = Producer(producer_app(env), labels, pause=0.01)
         producer.start()
         wait_ran_at_least(pool, 200, 120)
+        drained = []
         for host in reversed(cluster.hosts):  # as the StatefulSet: highest ordinal first
-            cluster.stop_gracefully(host)
+            drained.append(cluster.stop_gracefully(host))
             cluster.start_node(host)
             cluster.wait_clustered(120)
+            assert not cluster.is_drained(host), f"{host.node} still in maintenance mode"
         assert producer.done.wait(240), "the producer did not finish"
         runs = wait_all_ran(pool, labels, 180)
         assert all(worker.process.running for worker in pool), "a worker died"
+    assert all(drained), f"the preStop hook did not drain each node: {drained}"
     report_runs(
-        "rolling restart (preStop + SIGTERM, one by one)",
+        "rolling restart (preStop drain + SIGTERM, one by one)",
         labels,
         runs,
         f", publish errors {len(producer.errors)}, longest apply_async"

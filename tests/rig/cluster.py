@@ -389,23 +389,36 @@ class NamespaceCluster(RenderedNodes):
         host.server.kill()
         self._leave_endpoints(host)
 
-    def stop_gracefully(self, host: Host, timeout: float = 120) -> None:
+    def stop_gracefully(self, host: Host, timeout: float = 120) -> bool:
         """What the kubelet does: the template's preStop hook, then SIGTERM and wait.
 
-        The pod, terminating, leaves the Service's endpoints at the same time.
+        The pod, terminating, leaves the Service's endpoints at the same time. Returns whether
+        the node was in maintenance mode (drained) when SIGTERM came; the hook's output is in
+        `host.folder/pre-stop.log`.
         """
         self._leave_endpoints(host)
+        drained = False
         if self.broker.pre_stop:
-            subprocess.run(
+            hook = subprocess.run(
                 self._in_netns(host.netns, self.broker.pre_stop),
                 env={**os.environ, **host.env},
                 capture_output=True,
+                text=True,
                 check=False,
                 stdin=subprocess.DEVNULL,
                 timeout=timeout,
                 cwd=host.folder,
             )
+            with (host.folder / "pre-stop.log").open("a") as log:
+                log.write(hook.stdout + hook.stderr)
+            drained = self.is_drained(host)
         host.server.stop(timeout=timeout)
+        return drained
+
+    def is_drained(self, host: Host) -> bool:
+        """Whether the node is in maintenance mode (`rabbitmq-upgrade drain`)."""
+        answer = self.ctl(host, "eval", "rabbit_maintenance:is_being_drained_local_read(node()).")
+        return answer.strip() == "true"
 
     def start_node(self, host: Host, timeout: float = 90) -> None:
         """Start the node; once it accepts logins (readiness), it is an endpoint again."""

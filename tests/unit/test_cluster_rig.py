@@ -49,3 +49,4 @@ def test_each_host_listens_on_its_own_address_and_lists_its_peers(tmp_path: Path
     assert "RABBITMQ_NODENAME" not in broker.plain_env  # $(POD_NAME): Kubernetes only
     assert broker.pre_stop[:2] == ("sh", "-c")
     assert "await_online_quorum_plus_one" in broker.pre_stop[2]
+    assert "rabbitmq-upgrade drain" in broker.pre_stop[2]
