@@ -403,6 +403,42 @@ def test_rolling_restart_under_load_loses_nothing(
     )
 
 
+def test_route_balance_source_pins_private_workers_and_leastconn_spreads_them(
+    cluster: NamespaceCluster, stack: Stack, tmp_path: Path
+) -> None:
+    """Private workers leave through one egress address (here: all from 127.0.0.1): with the
+    router's default `balance source` they all land on one pod; the template's
+    ROUTE_BALANCE=leastconn spreads them over more than one. Measured on the rendered Route,
+    as applied."""
+    whole(cluster)
+    original = cluster.broker.route
+    spread: dict[str, list[int]] = {}
+    try:
+        for balance in ("source", "leastconn"):
+            rendered = process(
+                load_template("rabbitmq"),
+                {"ROUTE_HOST": stack.rabbit_host, "REPLICAS": "3", "ROUTE_BALANCE": balance},
+            )
+            cluster.use_route(rendered_broker(rendered).route)
+            queue = f"cluster-balance-{uuid.uuid4().hex[:6]}"
+            env = client_env(cluster, queue)
+            (tmp_path / balance).mkdir()
+            with workers(env, queue, tmp_path / balance, count=3) as pool:
+                Producer(producer_app(env), [f"{balance}-{n}" for n in range(30)]).run()
+                wait_ran_at_least(pool, 30, 90)
+                spread[balance] = sorted(cluster.connections_per_node().values(), reverse=True)
+    finally:
+        cluster.use_route(original)
+    CLUSTER_REPORT.append(
+        "client connections per pod, 3 workers and a producer from one address:"
+        f" balance source {spread['source']}, leastconn {spread['leastconn']}"
+    )
+    assert sum(spread["source"]) >= 3 and spread["source"][1:] == [0, 0], spread
+    # leastconn balances current sessions; connections a worker opens and closes at start
+    # leave gaps, so "spread" means more than one pod, not an even split.
+    assert spread["leastconn"][1] > 0, spread
+
+
 #: The cut lasts this long (the issue's 30 s) or until the node paused, whichever is later.
 CUT_SECONDS = 30.0
 #: pause_minority starts once the two peers are seen down (net_ticktime 15 s: 11-19 s), then

@@ -28,8 +28,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from packit_broker.config import HostPort
@@ -300,6 +300,14 @@ class NamespaceCluster(RenderedNodes):
             (route,),
             admin=True,
         )
+
+    def use_route(self, manifest: Mapping[str, object]) -> None:
+        """Serve another Route manifest, as after `oc apply` of a changed Route (the router
+        restarts with it, on a new port: clients need `router_port` again)."""
+        if self.router is not None:
+            self.router.stop()
+        self.broker = replace(self.broker, route=manifest)
+        self._start_router()
 
     @property
     def router_folder(self) -> Path:
