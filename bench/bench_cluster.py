@@ -2,7 +2,8 @@
 throughput dip and recovery while the most-connected node of the three is SIGKILLed.
 
 Run by hand (root: the rig makes network namespaces):
-`.venv/bin/python -m bench.bench_cluster [--tasks 3000] [--rounds 3]`.
+`.venv/bin/python -m bench.bench_cluster [--tasks 3000] [--rounds 3] [--balance source
+--balance leastconn]`.
 Everything in one run on one machine: the same two prefork workers (2 processes each, acks_late,
 prefetch 1, configured by `celery_config()`), one producer publishing with confirms, the same
 rendered template (REPLICAS=1 and 3, fresh clusters, in alternating order round after round).
@@ -97,13 +98,20 @@ def node_loss(cluster: NamespaceCluster, folder: Path, tasks: int) -> tuple[floa
     return baseline, lowest, back
 
 
-def one(root: Path, pki: Pki, replicas: int, round_: int, tasks: int) -> dict[str, float]:
-    """Start a fresh cluster of `replicas` nodes, measure, stop it."""
+#: A configuration measured: (replicas, the Route's ROUTE_BALANCE).
+Config = tuple[int, str]
+
+
+def one(root: Path, pki: Pki, config: Config, round_: int, tasks: int) -> dict[str, float]:
+    """Start a fresh cluster of `replicas` nodes behind a Route with `balance`, measure, stop."""
+    replicas, balance = config
     rendered = process(
-        load_template("rabbitmq"), {"ROUTE_HOST": ROUTE_HOST, "REPLICAS": str(replicas)}
+        load_template("rabbitmq"),
+        {"ROUTE_HOST": ROUTE_HOST, "REPLICAS": str(replicas), "ROUTE_BALANCE": balance},
     )
+    tag = f"{replicas}{balance[0]}"
     cluster = NamespaceCluster(
-        root / f"n{replicas}-{round_}",
+        root / f"n{tag}-{round_}",
         rendered_broker(rendered),
         pki,
         server_hostname=ROUTE_HOST,
@@ -112,45 +120,57 @@ def one(root: Path, pki: Pki, replicas: int, round_: int, tasks: int) -> dict[st
     cluster.start()
     try:
         found = {"start": cluster.started_in}
-        found["rate"] = throughput(cluster, root / f"w{replicas}-{round_}", tasks)
+        found["rate"] = throughput(cluster, root / f"w{tag}-{round_}", tasks)
         if replicas == 3:
-            base, low, back = node_loss(cluster, root / f"loss-{round_}", tasks * 2)
+            base, low, back = node_loss(cluster, root / f"loss{tag}-{round_}", tasks * 2)
             found.update(base=base, low=low, back=back)
         return found
     finally:
         cluster.stop()
 
 
-def run(tasks: int, rounds: int) -> None:
-    """Rounds alternate the order (1 then 3 nodes, then 3 then 1, ...), each on fresh
-    clusters, so a machine that gets busier or quieter weighs on both; medians are compared."""
+def run(tasks: int, rounds: int, balances: tuple[str, ...]) -> None:
+    """Rounds rotate the order of the configurations (1 node, then 3 nodes with each balance),
+    each on fresh clusters, so a machine that gets busier or quieter weighs on all; medians
+    are compared."""
     root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     pki = make_pki(root / "pki", (ROUTE_HOST,), "apps.bench.test")
-    seen: dict[int, list[dict[str, float]]] = {1: [], 3: []}
+    configs: list[Config] = [(1, balances[0]), *((3, balance) for balance in balances)]
+    seen: dict[Config, list[dict[str, float]]] = {config: [] for config in configs}
     for round_ in range(rounds):
-        for replicas in (1, 3) if round_ % 2 == 0 else (3, 1):
-            seen[replicas].append(one(root, pki, replicas, round_, tasks))
-            print(f"round {round_ + 1}, {replicas} node(s): {seen[replicas][-1]}", flush=True)
+        shift = round_ % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            seen[config].append(one(root, pki, config, round_, tasks))
+            print(f"round {round_ + 1}, {config}: {seen[config][-1]}", flush=True)
 
-    def median(replicas: int, key: str) -> float:
-        return statistics.median(r[key] for r in seen[replicas])
+    def median(config: Config, key: str) -> float:
+        return statistics.median(r[key] for r in seen[config])
 
-    rate1, rate3 = median(1, "rate"), median(3, "rate")
+    single = configs[0]
+    rate1 = median(single, "rate")
     print(
         f"tasks per run: {tasks} (node loss: {tasks * 2}); 2 prefork workers x 2 processes;"
-        f" medians of {rounds} alternating rounds"
+        f" medians of {rounds} rotating rounds"
     )
     rows = [
-        ("cluster start, 1 node (s)", f"{median(1, 'start'):.1f}"),
-        ("cluster start, 3 nodes (s)", f"{median(3, 'start'):.1f}"),
+        ("cluster start, 1 node (s)", f"{median(single, 'start'):.1f}"),
         ("tasks/s, 1 node, quorum queue", f"{rate1:.0f}"),
-        ("tasks/s, 3 nodes, quorum queue (3 replicas)", f"{rate3:.0f}"),
-        ("ratio 3 nodes / 1 node", f"{rate3 / rate1:.2f}"),
-        ("tasks/s before the node loss (3 nodes)", f"{median(3, 'base'):.0f}"),
-        ("lowest 1-s rate after SIGKILL", f"{median(3, 'low'):.0f}"),
-        ("dip: lowest / before", f"{median(3, 'low') / median(3, 'base'):.2f}"),
-        ("seconds until >= 80% of the rate before (3-s mean)", f"{median(3, 'back'):.1f}"),
     ]
+    for config in configs[1:]:
+        balance = config[1]
+        rate3 = median(config, "rate")
+        rows += [
+            (f"[{balance}] cluster start, 3 nodes (s)", f"{median(config, 'start'):.1f}"),
+            (f"[{balance}] tasks/s, 3 nodes, quorum queue (3 replicas)", f"{rate3:.0f}"),
+            (f"[{balance}] ratio 3 nodes / 1 node", f"{rate3 / rate1:.2f}"),
+            (f"[{balance}] tasks/s before the node loss", f"{median(config, 'base'):.0f}"),
+            (f"[{balance}] lowest 1-s rate after SIGKILL", f"{median(config, 'low'):.0f}"),
+            (
+                f"[{balance}] dip: lowest / before",
+                f"{median(config, 'low') / median(config, 'base'):.2f}",
+            ),
+            (f"[{balance}] seconds until >= 80% again (3-s mean)", f"{median(config, 'back'):.1f}"),
+        ]
     print(f"{'measure':58} {'value':>10}")
     for name, value in rows:
         print(f"{name:58} {value:>10}")
@@ -160,8 +180,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--balance",
+        action="append",
+        choices=("source", "leastconn", "roundrobin"),
+        help="the Route's ROUTE_BALANCE for the 3-node clusters; repeat to compare (default"
+        " source)",
+    )
     args = parser.parse_args()
-    run(args.tasks, args.rounds)
+    run(args.tasks, args.rounds, tuple(args.balance or ("source",)))
 
 
 if __name__ == "__main__":

@@ -42,8 +42,7 @@ from tests.integration.test_cluster import (
     wait_ran_at_least,
 )
 from tests.integration.test_migrate_follow_faults import Bridge
-from tests.integration.test_router_reload import redis_producer
-from tests.integration.workers import start_users_worker
+from tests.integration.test_router_reload import gevent_pool, redis_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -117,30 +116,9 @@ def test_certificate_renewal_and_ca_change_lose_nothing(
         "PACKIT_BROKER_QUEUES": queue,
     }
     stale_env = {**stack.broker_env(), "PACKIT_BROKER_QUEUES": stale_queue}  # old CA only
-    pool = [
-        Worker(
-            start_users_worker(
-                {**env, "TASKAPP_LOG": str(tmp_path / f"worker{n}.tasks")},
-                "gevent",
-                [queue],
-                tmp_path / f"worker{n}.log",
-                f"rotate{n}",
-            ),
-            tmp_path / f"worker{n}.tasks",
-        )
-        for n in range(2)
-    ]
-    stale_log = tmp_path / "stale.log"
-    stale = Worker(
-        start_users_worker(
-            {**stale_env, "TASKAPP_LOG": str(tmp_path / "stale.tasks")},
-            "gevent",
-            [stale_queue],
-            stale_log,
-            "stale",
-        ),
-        tmp_path / "stale.tasks",
-    )
+    pool = gevent_pool(env, tmp_path, "rotate")
+    (stale,) = gevent_pool(stale_env, tmp_path, "stale", count=1)
+    fixed: Worker | None = None
     direct = [f"p{i}" for i in range(int(LOAD_SECONDS / PAUSE))]
     bridged = [f"b{i}" for i in range(int(LOAD_SECONDS / (2 * PAUSE)))]
     stale_labels = ["stale-before", "stale-after"]
@@ -172,7 +150,7 @@ def test_certificate_renewal_and_ca_change_lose_nothing(
         assert not producer.done.is_set(), "the load ended before the CA change: raise LOAD_SECONDS"
         assert from_redis.is_alive(), "the Redis load ended before the CA change"
         time.sleep(SETTLE)
-        stale_failing = stale_log.read_text()
+        stale_failing = (tmp_path / "stale0.log").read_text()
         stale_ran_while_cut = set(ran([stale]))
         assert producer.done.wait(120), "the producer did not finish"
         from_redis.join(60)
@@ -182,19 +160,13 @@ def test_certificate_renewal_and_ca_change_lose_nothing(
         assert all(w.process.running for w in pool), "a worker died"
         # The fix for the stale worker: the bundle, then a restart (a pod picks up the Secret).
         stale.process.stop()
-        stale = Worker(
-            start_users_worker(
-                {**stale_env, "PACKIT_BROKER_CA_FILE": str(bundle),
-                 "TASKAPP_LOG": str(tmp_path / "stale.tasks")},
-                "gevent", [stale_queue], tmp_path / "stale-fixed.log", "stale",
-            ),
-            tmp_path / "stale.tasks",
-        )  # fmt: skip
-        stale_runs = wait_all_ran([stale], stale_labels, 90)
+        fixed_env = {**stale_env, "PACKIT_BROKER_CA_FILE": str(bundle)}
+        (fixed,) = gevent_pool(fixed_env, tmp_path, "fixed", count=1)
+        stale_runs = wait_all_ran([stale, fixed], stale_labels, 90)
     finally:
         bridge.proc.send_signal(signal.SIGTERM)
         code = bridge.wait(timeout=60)
-        for worker in [*pool, stale]:
+        for worker in [*pool, stale, *([fixed] if fixed else [])]:
             worker.process.stop()
     lost = [label for label in [*direct, *bridged] if label not in runs]
     duplicates = sum(n - 1 for n in ran(pool).values() if n > 1)

@@ -32,15 +32,13 @@ from typing import Any
 import pytest
 import yaml
 
-from packit_broker.config import HostPort
 from packit_broker.render import find_objects, load_template, process
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process, free_port
 from tests.integration.test_migrate_faults import fill
 from tests.integration.test_migrate_follow_faults import Bridge
-from tests.integration.test_templates_live import Live
+from tests.integration.test_templates_live import Live, rendered_node
 from tests.integration.workers import celery_worker
-from tests.rig.rendered import RenderedCluster, rendered_broker, start_route_router
 from tests.unavailable import unavailable
 
 pytestmark = pytest.mark.integration
@@ -235,27 +233,9 @@ def poll(what: Callable[[], Any], timeout: float, doing: str) -> Any:
 
 @pytest.fixture
 def node(stack: Stack, tmp_path: Path) -> Iterator[Live]:
-    """One RabbitMQ node from the rendered rabbitmq template (Prometheus plugin on), behind a
-    router stand-in configured from its Route; this test's own, so it may be killed."""
-    rendered = process(load_template("rabbitmq"), {"ROUTE_HOST": stack.rabbit_host})
-    broker = rendered_broker(rendered)
-    cluster = RenderedCluster(
-        tmp_path / "nodes", broker, stack.pki, server_hostname=stack.rabbit_host
-    )
-    router: Process | None = None
-    try:
-        cluster.start(timeout=90)
-        router, port = start_route_router(
-            tmp_path / "router",
-            broker.route,
-            HostPort("127.0.0.1", cluster.nodes[0].amqps_port),
-            stack.pki,
-        )
-        yield Live(rendered, broker, cluster, port, stack.rabbit_host, stack.pki.ca_file)
-    finally:
-        if router is not None:
-            router.stop()
-        cluster.stop()
+    """A rendered RabbitMQ node behind its router of this test's own, so it may be killed."""
+    with rendered_node(stack, tmp_path) as found:
+        yield found
 
 
 def test_live_prometheus_fires_and_clears_the_alerts(

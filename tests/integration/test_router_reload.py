@@ -89,6 +89,23 @@ def router(stack: Stack) -> Iterator[ReloadingRouter]:
         started.stop()
 
 
+def gevent_pool(env: dict[str, str], folder: Path, name: str, count: int = 2) -> list[Worker]:
+    """`count` of the users' gevent workers (16 greenlets, prefetch 1), each logging its runs."""
+    return [
+        Worker(
+            start_users_worker(
+                {**env, "TASKAPP_LOG": str(folder / f"{name}{n}.tasks")},
+                "gevent",
+                [env["PACKIT_BROKER_QUEUES"]],
+                folder / f"{name}{n}.log",
+                f"{name}{n}",
+            ),
+            folder / f"{name}{n}.tasks",
+        )
+        for n in range(count)
+    ]
+
+
 def redis_producer(redis_url: str, queue: str, labels: list[str], pause: float) -> threading.Thread:
     """A producer still on Redis (not switched yet): what the bridge carries over."""
     app = backlog.producer(redis_url, (queue,))
@@ -114,19 +131,7 @@ def test_router_reloads_under_load_lose_nothing_and_workers_come_back(
     }
     direct = [f"p{i}" for i in range(int(LOAD_SECONDS / PAUSE))]
     bridged = [f"b{i}" for i in range(int(LOAD_SECONDS / (2 * PAUSE)))]
-    pool = [
-        Worker(
-            start_users_worker(
-                {**env, "TASKAPP_LOG": str(tmp_path / f"worker{n}.tasks")},
-                "gevent",
-                [queue],
-                tmp_path / f"worker{n}.log",
-                f"reload{n}",
-            ),
-            tmp_path / f"worker{n}.tasks",
-        )
-        for n in range(2)
-    ]
+    pool = gevent_pool(env, tmp_path, "reload")
     bridge = Bridge(env, redis_url, "--batch-size", "50")
     try:
         producer = Producer(producer_app(env), ["warm-up"], task="usersapp.record")

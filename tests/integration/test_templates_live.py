@@ -9,6 +9,7 @@ supplies only the PKI and the Route host its certificate covers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -68,11 +69,12 @@ class Live:
         }
 
 
-@pytest.fixture(scope="module")
-def live(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+@contextlib.contextmanager
+def rendered_node(stack: Stack, root: Path) -> Iterator[Live]:
+    """One RabbitMQ node from the rendered rabbitmq template (Prometheus plugin on), behind a
+    router stand-in configured from its Route, in `root`; stopped afterwards."""
     rendered = process(load_template("rabbitmq"), {"ROUTE_HOST": stack.rabbit_host})
     broker = rendered_broker(rendered)
-    root = tmp_path_factory.mktemp("rendered-rabbitmq")
     cluster = RenderedCluster(root / "nodes", broker, stack.pki, server_hostname=stack.rabbit_host)
     router: Process | None = None
     try:
@@ -90,6 +92,12 @@ def live(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Liv
         if router is not None:
             router.stop()
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def live(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    with rendered_node(stack, tmp_path_factory.mktemp("rendered-rabbitmq")) as node:
+        yield node
 
 
 def _amqp_connection(live: Live, env: dict[str, str]) -> amqp.Connection:

@@ -86,106 +86,109 @@ _DURATION = {
     "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
     r"(([0-9]+)ms)?)$",
 }
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
 _META = {
     "type": "object",
     "required": ["name"],
     "additionalProperties": False,
     "properties": {
         "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+        "labels": _STRINGS,
+        "annotations": _STRINGS,
     },
 }
-_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+def _monitoring_resource(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a monitoring.coreos.com/v1 resource of `kind` whose spec is `spec`."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": kind},
+            "metadata": _META,
+            "spec": spec,
+        },
+    }
+
+
 #: The fields of monitoring.coreos.com/v1 PodMonitor and PrometheusRule this project uses, as
 #: their CRDs define them (prometheus-operator), strict: a misspelt field fails.
 MONITORING_SCHEMAS: dict[str, dict[str, Any]] = {
-    "PodMonitor": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "additionalProperties": False,
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "kind": {"const": "PodMonitor"},
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "required": ["selector", "podMetricsEndpoints"],
-                "additionalProperties": False,
-                "properties": {
-                    "selector": {
+    "PodMonitor": _monitoring_resource(
+        "PodMonitor",
+        {
+            "type": "object",
+            "required": ["selector", "podMetricsEndpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": _STRINGS},
+                },
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
                         "type": "object",
+                        "required": ["port"],
                         "additionalProperties": False,
-                        "properties": {"matchLabels": _STRINGS},
-                    },
-                    "podMetricsEndpoints": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["port"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "port": {"type": "string"},
-                                "path": {"type": "string", "pattern": "^/"},
-                                "interval": _DURATION,
-                                "params": {
-                                    "type": "object",
-                                    "additionalProperties": {
-                                        "type": "array",
-                                        "items": {"type": "string"},
-                                    },
-                                },
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    },
-    "PrometheusRule": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "additionalProperties": False,
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "kind": {"const": "PrometheusRule"},
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "groups": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["name", "rules"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "name": {"type": "string", "minLength": 1},
-                                "interval": _DURATION,
-                                "rules": {
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "interval": _DURATION,
+                            "params": {
+                                "type": "object",
+                                "additionalProperties": {
                                     "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["alert", "expr"],
-                                        "additionalProperties": False,
-                                        "properties": {
-                                            "alert": {"type": "string", "minLength": 1},
-                                            "expr": {"type": "string", "minLength": 1},
-                                            "for": _DURATION,
-                                            "labels": _STRINGS,
-                                            "annotations": _STRINGS,
-                                        },
+                                    "items": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    ),
+    "PrometheusRule": _monitoring_resource(
+        "PrometheusRule",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["alert", "expr"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string", "minLength": 1},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": _DURATION,
+                                        "labels": _STRINGS,
+                                        "annotations": _STRINGS,
                                     },
                                 },
                             },
                         },
-                    }
-                },
+                    },
+                }
             },
         },
-    },
+    ),
 }
 
 ROUTE_SCHEMA = {
@@ -195,16 +198,7 @@ ROUTE_SCHEMA = {
     "properties": {
         "apiVersion": {"const": "route.openshift.io/v1"},
         "kind": {"const": "Route"},
-        "metadata": {
-            "type": "object",
-            "required": ["name"],
-            "additionalProperties": False,
-            "properties": {
-                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-            },
-        },
+        "metadata": _META,
         "spec": {
             "type": "object",
             "required": ["host", "to", "port", "tls"],
