@@ -23,6 +23,12 @@ every use of that connection on the dispatcher's own mutex: the loop's drain and
 check skip a cycle while an event is being published (the publish itself is traffic the broker
 counts as a heartbeat) instead of reading beside it. Prefork and threads workers are untouched.
 
+The green-pool throughput cap: the same loop drains the event connection after every message
+it takes from the task connection, waiting up to 0.1 s for a frame that almost never comes (the
+event connection carries only confirms and heartbeats), so a gevent worker ran at most about
+ten tasks a second whatever its concurrency. The guard makes that drain a poll of
+`recovery.EVENT_DRAIN_TIMEOUT`: a frame already there is read, none is waited for.
+
 The green-pool reconnect stall: Celery's `worker-heartbeat` event is published with `retry=True`
 and no retry policy, which kombu takes as "reconnect forever", under the dispatcher's mutex.
 When the broker connection is cut (a router reload with `hard-stop-after`, a node loss), the
@@ -47,6 +53,7 @@ delivery (`packit_broker.delayed_delivery`) and the worker holds none.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -56,6 +63,7 @@ from urllib.parse import urlsplit
 from celery import bootsteps, signals
 
 from packit_broker.queues import is_quorum, quorum_arguments
+from packit_broker.recovery import EVENT_DRAIN_TIMEOUT
 
 EVENTS_STEP = "celery.worker.consumer.events:Events"
 TASKS_STEP = "celery.worker.consumer.tasks:Tasks"
@@ -85,11 +93,25 @@ def _drain_busy() -> None:
     raise TimeoutError("event dispatcher is publishing; drain skipped this cycle")
 
 
+def _poll_briefly(drain: Callable[..., Any]) -> Callable[..., Any]:
+    """`drain` waiting at most EVENT_DRAIN_TIMEOUT: the loop polls, it does not wait there."""
+
+    @functools.wraps(drain)
+    def poll(timeout: float | None = None, **kwargs: Any) -> Any:
+        brief = EVENT_DRAIN_TIMEOUT if timeout is None else min(timeout, EVENT_DRAIN_TIMEOUT)
+        return drain(timeout=brief, **kwargs)
+
+    return poll
+
+
 def guard_event_connection(connection: Any, mutex: Any) -> None:
-    """Make `connection`'s drain and heartbeat check wait their turn behind `mutex`'s holder."""
+    """Make `connection`'s drain and heartbeat check wait their turn behind `mutex`'s holder,
+    and the drain a brief poll."""
     if getattr(connection.drain_events, "__wrapped__", None) is not None:
         return  # already guarded (the step restarts with the consumer, the connection may not)
-    connection.drain_events = _skip_while_busy(mutex, connection.drain_events, _drain_busy)
+    connection.drain_events = _skip_while_busy(
+        mutex, _poll_briefly(connection.drain_events), _drain_busy
+    )
     connection.heartbeat_check = _skip_while_busy(mutex, connection.heartbeat_check, lambda: None)
 
 

@@ -42,6 +42,9 @@ CONNECT_TIMEOUT = 5.0
 #: SO_RCVTIMEO/SO_SNDTIMEO), notably for a publisher confirm.
 READ_TIMEOUT = 10.0
 WRITE_TIMEOUT = 5.0
+#: Longest wait of a green worker's loop for its event connection, once per message received
+#: (Celery's 0.1 s capped a gevent worker at about 10 tasks/s; see celery_worker).
+EVENT_DRAIN_TIMEOUT = 0.001
 #: apply_async: reconnect and publish again up to 3 times, 1 s, 2 s, 2 s apart.
 PUBLISH_RETRY_POLICY: Mapping[str, float] = {
     "max_retries": 3,

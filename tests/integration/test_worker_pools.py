@@ -21,7 +21,13 @@ import pytest
 
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import Process
-from tests.integration.workers import REPO, USERS_POOLS, send_tasks, start_users_worker
+from tests.integration.workers import (
+    REPO,
+    USERS_POOLS,
+    send_tasks,
+    start_users_worker,
+    steady_load,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +36,9 @@ TASKS = 100
 RUN_DEADLINE = 60.0  # 100 trivial tasks per worker, all four workers at once, 2 cores
 GRACE_SECONDS = 10  # the users' terminationGracePeriodSeconds
 APP = "tests.integration.usersapp"
+STEADY_RATE = 25.0  # tasks/s sent to one worker: above the 10/s Celery's green loop allowed
+STEADY_COUNT = 500
+STEADY_P90 = 0.5  # seconds from apply_async to the task starting, for 9 tasks in 10
 
 
 def _ran(log: Path) -> Counter[str]:
@@ -195,3 +204,21 @@ def test_worker_reports_a_result_backend_celery_config_did_not_build(
         assert "hunter2" not in text
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
+def test_green_worker_keeps_up_with_a_steady_load(stack: Stack, tmp_path: Path, pool: str) -> None:
+    """The users' green worker (16 greenlets, prefetch 1) given 25 trivial tasks a second.
+
+    Celery's green-pool loop waited 0.1 s on the event connection after every message, so such
+    a worker ran about 10 tasks a second and a steady 20/s queued up (median wait 11.8 s).
+    """
+    env = {**stack.broker_env(), "PACKIT_BROKER_QUEUES": f"steady-{pool}-{uuid.uuid4().hex[:6]}"}
+    latencies, rate = steady_load(env, pool, tmp_path, STEADY_RATE, STEADY_COUNT)
+    p50, p90 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.9)]
+    print(
+        f"{pool} worker, {STEADY_COUNT} tasks sent at {STEADY_RATE:g}/s: ran at {rate:.1f}/s,"
+        f" latency median {p50 * 1000:.0f} ms, p90 {p90 * 1000:.0f} ms,"
+        f" max {latencies[-1] * 1000:.0f} ms"
+    )
+    assert p90 < STEADY_P90, f"{pool}: 9 tasks in 10 waited up to {p90:.1f} s to start"

@@ -6,8 +6,10 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from packit_broker.stack.processes import Process
 
@@ -96,3 +98,58 @@ def send_tasks(
         capture_output=True, text=True,
     )  # fmt: skip
     assert sent.returncode == 0, f"producer failed:\n{sent.stdout}{sent.stderr}"
+
+
+def _runs(log: Path) -> dict[str, tuple[float, float]]:
+    """usersapp.record's log: label -> (when it ran, when it was sent)."""
+    if not log.exists():
+        return {}
+    found = {}
+    for line in log.read_text().splitlines():
+        label, ran, sent = line.split("\t")
+        if sent:
+            found[label] = (float(ran), float(sent))
+    return found
+
+
+def steady_load(
+    env: Mapping[str, str], pool: str, folder: Path, rate: float, count: int
+) -> tuple[list[float], float]:
+    """One users' worker of `pool` given `count` tasks at `rate` a second through `env`'s broker.
+
+    Returns each task's latency (sent to started, seconds, sorted) and the tasks/s from the
+    first send to the last run. The worker is started, warmed up with one task, and stopped.
+    """
+    from celery import Celery
+
+    from packit_broker import celery_config
+
+    queue = env["PACKIT_BROKER_QUEUES"]
+    log = folder / f"{pool}.tasks"
+    worker = start_users_worker(
+        {**env, "TASKAPP_LOG": str(log)}, pool, [queue], folder / f"{pool}.log", f"steady-{pool}"
+    )
+    producer = Celery("steady-producer")
+    producer.conf.update(celery_config(dict(env)))
+    labels = [f"s{i}" for i in range(count)]
+    try:
+        _send_and_wait(producer, log, ["warm-up"], 0.0, 90)
+        began = time.time()
+        _send_and_wait(producer, log, labels, 1 / rate, 60 + count / rate)
+    finally:
+        worker.stop()
+    runs = _runs(log)
+    last = max(runs[label][0] for label in labels)
+    return sorted(runs[label][0] - runs[label][1] for label in labels), count / (last - began)
+
+
+def _send_and_wait(
+    producer: Any, log: Path, labels: list[str], pause: float, timeout: float
+) -> None:
+    for label in labels:
+        producer.send_task("usersapp.record", args=[label, time.time()])
+        time.sleep(pause)
+    deadline = time.monotonic() + timeout
+    while not set(labels) <= _runs(log).keys():
+        assert time.monotonic() < deadline, f"not all {len(labels)} tasks ran in {timeout:.0f} s"
+        time.sleep(0.2)

@@ -12,6 +12,7 @@ from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from packit_broker import celery_config, celery_worker, delayed_delivery
 from packit_broker.queues import DELIVERY_LIMIT, QueueSpec, QueueType
+from packit_broker.recovery import EVENT_DRAIN_TIMEOUT
 
 NOW = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
 QUORUM = QueueSpec("short-running", QueueType.QUORUM)
@@ -90,9 +91,11 @@ class _Connection:
     def __init__(self, lock: Any) -> None:
         self.lock = lock
         self.calls: list[str] = []
+        self.timeouts: list[float | None] = []
 
     def drain_events(self, timeout: float | None = None) -> str:
         self.calls.append("drain")
+        self.timeouts.append(timeout)
         return "drained"
 
     def heartbeat_check(self, rate: float = 2.0) -> None:
@@ -113,6 +116,16 @@ def test_guard_skips_drain_and_heartbeat_while_an_event_is_published() -> None:
     assert not mutex.locked()
     celery_worker.guard_event_connection(connection, mutex)  # again: not wrapped twice
     assert connection.drain_events.__wrapped__.__name__ == "drain_events"
+
+
+def test_guarded_drain_polls_instead_of_waiting() -> None:
+    """Celery's loop drains the event connection with 0.1 s after every task message."""
+    connection = _Connection(threading.Lock())
+    celery_worker.guard_event_connection(connection, threading.Lock())
+    connection.drain_events(timeout=0.1)
+    connection.drain_events()
+    connection.drain_events(timeout=0.0001)
+    assert connection.timeouts == [EVENT_DRAIN_TIMEOUT, EVENT_DRAIN_TIMEOUT, 0.0001]
 
 
 class _Dispatcher:
