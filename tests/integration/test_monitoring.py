@@ -295,11 +295,19 @@ def test_live_prometheus_fires_and_clears_the_alerts(
         disconnected_after = time.monotonic() - began
         poll(lambda: prometheus.firing("RabbitMQQuorumLost"), 120,
              "RabbitMQQuorumLost with the only node gone")  # fmt: skip
+        rabbit.process.start()  # the pod restarted
+        node.cluster.wait_ready(rabbit, 120)
+        began = time.monotonic()
+        for alert in ("PackitBridgeDisconnected", "RabbitMQQuorumLost"):
+            poll(lambda alert=alert: not prometheus.firing(alert), 120,
+                 f"{alert} resolved with RabbitMQ back")  # fmt: skip
+        back_after = time.monotonic() - began
         print(
             f"live alerts: PackitQueueNoConsumer fired {fired_after:.1f} s after the worker"
             f" stopped (for: 5s), cleared {cleared_after:.1f} s after it started;"
             f" PackitBridgeDisconnected fired {disconnected_after:.1f} s after RabbitMQ was"
-            " killed (for: 5s)"
+            f" killed (for: 5s); it and RabbitMQQuorumLost resolved {back_after:.1f} s after"
+            " RabbitMQ accepted logins again"
         )
     finally:
         bridge.proc.send_signal(signal.SIGTERM)
