@@ -61,6 +61,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import bootsteps, signals
+from kombu.exceptions import OperationalError
 
 from packit_broker.queues import is_quorum, quorum_arguments
 from packit_broker.recovery import EVENT_DRAIN_TIMEOUT
@@ -151,9 +152,8 @@ class GreenEventConnectionGuard(bootsteps.StartStopStep):  # type: ignore[misc]
         if dispatcher.connection is not None:
             guard_event_connection(dispatcher.connection, dispatcher.mutex)
             connection = dispatcher.connection
-            publish_without_retry(
-                dispatcher, tuple(connection.connection_errors) + tuple(connection.channel_errors)
-            )
+            errors = (*connection.connection_errors, *connection.channel_errors, OperationalError)
+            publish_without_retry(dispatcher, errors)
 
 
 class DeadLetterQueues(bootsteps.StartStopStep):  # type: ignore[misc]
