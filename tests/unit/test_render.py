@@ -388,3 +388,68 @@ def test_cli_list() -> None:
     result = invoke("--list")
     assert result.exit_code == 0
     assert {line.split("\t")[0] for line in result.stdout.splitlines()} >= {"rabbitmq", "worker"}
+
+
+# --- render --parameters: `oc process --parameters` without a checkout -----------------------
+
+
+def test_cli_parameters_table_lists_every_parameter_with_its_default() -> None:
+    result = invoke("--parameters", "rabbitmq")
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["NAME", "REQUIRED", "DEFAULT", "DESCRIPTION"]
+    declared = engine.load_template("rabbitmq")["parameters"]
+    assert [row.split()[0] for row in rows] == [p["name"] for p in declared]
+    by_name = {row.split()[0]: row.split(maxsplit=3) for row in rows}
+    assert by_name["NAME"][1:3] == ["yes", "rabbitmq"]
+    assert by_name["ROUTE_HOST"][1:3] == ["yes", "(required)"]
+    assert by_name["ALLOWED_CIDRS"][1:3] == ["no", "(empty)"]
+    assert by_name["PASSWORD"][2] == "(generated:"
+    assert "[a-zA-Z0-9]{32})" in by_name["PASSWORD"][3]
+    # A multi-line YAML description is one line of the table.
+    assert "keep it at about 40%" in by_name["MEMORY_HIGH_WATERMARK"][3].lower()
+
+
+def test_cli_parameters_long_default_does_not_shift_other_rows() -> None:
+    result = invoke("--parameters", "worker")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    command = next(line for line in lines if line.startswith("COMMAND "))
+    assert "celery -A packit_worker worker" in command  # shown whole, not cut
+    short = [line for line in lines if line.split()[0] in ("NAME", "IMAGE", "QUEUES")]
+    starts = {line.index(line.split(maxsplit=3)[3]) for line in short}
+    assert len(starts) == 1, short  # the descriptions of ordinary rows stay in one column
+
+
+@pytest.mark.parametrize(("flag", "loader"), [("yaml", yaml.safe_load), ("json", json.loads)])
+def test_cli_parameters_as_data(flag: str, loader: Any) -> None:
+    result = invoke("--parameters", "bridge", "-o", flag)
+    assert result.exit_code == 0, result.output
+    rows = loader(result.stdout)
+    (redis_url,) = [row for row in rows if row["name"] == "REDIS_URL"]
+    assert redis_url["required"] is True
+    assert redis_url["value"] == ""
+    assert "PACKIT_MIGRATE_FROM" in redis_url["description"]
+
+
+def test_cli_parameters_of_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    tpl = template(config_map({}), parameters=[{"name": "X", "value": 3, "description": "d"}])
+    path.write_text(yaml.safe_dump(tpl))
+    result = invoke("--parameters", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1].split() == ["X", "no", "3", "d"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--parameters"], "TEMPLATE"),
+        (["--parameters", "no-such-template"], "neither a bundled template"),
+        (["--parameters", "rabbitmq", *ROUTE], "takes no -p"),
+    ],
+)
+def test_cli_parameters_usage_errors(args: list[str], message: str) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert message in result.stderr
