@@ -466,7 +466,14 @@ def _rabbitmq(exc: BaseException, endpoint: str) -> Diagnosis | None:
     text = str(exc) or type(exc).__name__
     name = type(exc).__name__
     if name == "AccessRefused" and "login was refused" in text.lower():
-        return Diagnosis(RABBITMQ, "amqp-login", endpoint, text, "wrong user name or password")
+        return Diagnosis(
+            RABBITMQ,
+            "amqp-login",
+            endpoint,
+            text,
+            "wrong user name or password in the URL: correct it, percent-encoding special"
+            " characters (`rabbitmqctl list_users` shows who exists)",
+        )
     if name == "AccessRefused":
         return Diagnosis(
             RABBITMQ,

@@ -47,6 +47,7 @@ class _Report:
     results: list[CheckResult] = field(default_factory=list)
 
     def _scrub(self, text: str) -> str:
+        """Mask the password wherever what was *seen* (a server's or a library's text) echoes it."""
         for secret in self.secrets:
             if len(secret) >= 8:
                 text = text.replace(secret, "***")
@@ -55,10 +56,15 @@ class _Report:
         return text
 
     def add(self, layer: str, status: Status, seen: str, fix: str = "") -> None:
+        """One line; *fix* is not scrubbed: it is this tool's own text, never a password.
+
+        Every fix is a fixed phrase or built from the endpoint's non-secret parts (host, user,
+        vhost, variable names). Masking a short password as a word there only garbled it - a
+        password ``wrong`` made ``fix: *** user name or password`` - and so told the reader
+        which word the password was.
+        """
         self.results.append(
-            CheckResult(
-                self.name, self.endpoint, layer, status, self._scrub(seen), self._scrub(fix)
-            )
+            CheckResult(self.name, self.endpoint, layer, status, self._scrub(seen), fix)
         )
 
     def ok(self, layer: str, seen: str) -> None:
@@ -79,7 +85,14 @@ class _Report:
 
 
 def config_failure(name: str, exc: ConfigError) -> CheckResult:
-    return CheckResult(name, exc.variable, "config", "FAIL", exc.problem, f"fix {exc.variable}")
+    """A setting that does not parse: the problem is what was seen, the fix says what to do."""
+    return CheckResult(name, exc.variable, "config", "FAIL", exc.problem, config_fix(exc))
+
+
+def config_fix(exc: ConfigError) -> str:
+    """``set X ...`` for a missing variable, ``correct X ...`` for a wrong one (not ``fix X``)."""
+    verb = "set" if exc.problem.startswith("not set") else "correct"
+    return f"{verb} {exc.variable} (every variable and its form: docs/usage.md)"
 
 
 def healthy(results: Sequence[CheckResult]) -> bool:

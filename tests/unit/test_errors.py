@@ -181,3 +181,48 @@ def test_a_give_up_after_reconnects_that_were_lost_again_says_so() -> None:
     assert "3 reconnect(s) in this outage worked but each connection was lost again" in str(found)
     plain = errors.reconnect_failed("amqps://u:***@h:443/", lost, last, 61.0, 4)
     assert "worked but" not in str(plain)
+
+
+# -- what `check` prints: the fix is an instruction, and a password never garbles it ----------
+
+
+def test_a_login_refusal_says_what_to_correct() -> None:
+    login = amqp.exceptions.AccessRefused("Login was refused using authentication mechanism")
+    fix = classify(login, RABBITMQ, "amqps://packit:***@h:443/").fix
+    assert fix.startswith("wrong user name or password in the URL: correct it")
+    assert "percent-encod" in fix
+
+
+@pytest.mark.parametrize(
+    ("problem", "expected"),
+    [
+        ("not set; expected amqps://USER:PASSWORD@ROUTE_HOST:443/VHOST", "set PACKIT_BROKER_URL"),
+        ("expected amqps://..., got 'http'", "correct PACKIT_BROKER_URL"),
+    ],
+)
+def test_a_config_failure_fix_is_an_instruction(problem: str, expected: str) -> None:
+    from packit_broker.config import ConfigError
+    from packit_broker.doctor.results import config_failure
+
+    result = config_failure("broker", ConfigError("PACKIT_BROKER_URL", problem))
+    assert result.fix.startswith(expected + " ")
+    assert "fix " not in result.fix  # printed after "fix: ", it read "fix: fix PACKIT_..."
+    assert result.seen == problem
+
+
+def test_a_short_password_that_is_a_word_does_not_garble_the_fix() -> None:
+    """Password `wrong`: the fix stayed readable, the server's echo of it is still masked."""
+    from packit_broker.doctor.results import _Report
+
+    report = _Report("broker", "amqps://packit:***@h:443/", ("wrong",))
+    report.fail(
+        "amqp-login",
+        "login refused for user 'packit': password wrong was refused",
+        "wrong user name or password in PACKIT_BROKER_URL",
+    )
+    (result,) = report.results
+    assert result.fix == "wrong user name or password in PACKIT_BROKER_URL"
+    assert result.seen == "login refused for user 'packit': password *** was refused"
+    long_secret = _Report("broker", "e", ("s3cret-passw0rd",))
+    long_secret.fail("tls", "server said s3cret-passw0rd", "check the URL")
+    assert "s3cret" not in long_secret.results[0].seen
