@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -143,7 +144,10 @@ def run_demo(keep: bool) -> None:
             env_file = _write_client_env(stack)
             click.echo(
                 "\nThe stack stays up; use it from another shell with:\n"
-                f"  set -a; . {env_file}; set +a"
+                f"{_activate_line()}"
+                f"  set -a; . {shlex.quote(str(env_file))}; set +a\n"
+                "  packit-broker check        # RabbitMQ and PostgreSQL through the router\n"
+                '  redis-cli -u "$PACKIT_MIGRATE_FROM" --no-auth-warning keys "*"   # Redis'
             )
             click.echo("\nPress Ctrl-C to tear it down.")
             while True:
@@ -153,6 +157,17 @@ def run_demo(keep: bool) -> None:
     finally:
         stack.stop()
         click.secho(f"==> stack stopped, {stack.root} removed", bold=True, err=True)
+
+
+def _activate_line() -> str:
+    """How another shell gets `packit-broker`: ./dev installs it into .venv, not on PATH."""
+    if sys.prefix != sys.base_prefix:  # a virtual environment, as ./dev makes
+        activate = Path(sys.prefix) / "bin" / "activate"
+        return f"  . {shlex.quote(str(activate))}   # puts packit-broker on PATH\n"
+    found = shutil.which("packit-broker")
+    if found:
+        return f"  # packit-broker is {found}\n"
+    return f"  # packit-broker is not on PATH: run {shlex.quote(sys.executable)} -m packit_broker\n"
 
 
 def _write_client_env(stack: Stack) -> Path:
