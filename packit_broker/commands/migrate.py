@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,7 +29,22 @@ from packit_broker.errors import RABBITMQ, REDIS, Diagnosed, classify
 from packit_broker.kombu_layout import KombuLayout, LayoutError
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Report, make_plan
 from packit_broker.migrate.metrics import FollowMetrics
+from packit_broker.migrate.progress import (
+    PLAIN_INTERVAL,
+    SHOWN_IDS,
+    TTY_INTERVAL,
+    Clock,
+    Meter,
+    Throttle,
+    bar,
+    counts,
+    rate_text,
+    shortened,
+    summary,
+    timestamp,
+)
 from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
+from packit_broker.migrate.report import POSSIBLE_DUPLICATES, REDELIVERED
 from packit_broker.migrate.rollback import Rollback, RollbackOptions, RollbackPlan
 from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE, survey_etas
 from packit_broker.recovery import RECONNECT_WINDOW
@@ -87,54 +103,150 @@ def _print_plan(plan: Plan) -> None:
 
 
 class _Progress:
-    """A bar for a one-shot run; with --follow, moved per queue on one refreshed TTY line."""
+    """What a run shows while it moves, where people look: a live line on a terminal (a bar
+    with counts, rate and ETA; with --follow, moved and pending per queue), a plain line at
+    most every PLAIN_INTERVAL in a pipe or a pod log, a JSON line per batch with --json."""
 
-    def __init__(self, total: int, as_json: bool, *, follow: bool = False) -> None:
+    def __init__(
+        self,
+        total: int,
+        as_json: bool,
+        *,
+        follow: bool = False,
+        name: str = "migrate",
+        clock: Clock = time.monotonic,
+        tty: bool | None = None,
+    ) -> None:
         self.as_json = as_json
+        self.name = name
         self.done = 0
         self.total = total
-        self.bar = None
-        self.follow_line = follow and not as_json and sys.stderr.isatty()
+        on_tty = sys.stderr.isatty() if tty is None else tty
+        self.follow_line = follow and not as_json and on_tty
+        self.tty_bar = not follow and not as_json and on_tty
+        self.plain = not as_json and not on_tty
+        self.meter = Meter(None if follow else total, clock)
+        self.plain_due = Throttle(PLAIN_INTERVAL, clock)
+        self.redraw_due = Throttle(TTY_INTERVAL, clock)
         self.moved: dict[str, int] = {}
         self.pending: dict[str, int] = {}
-        if not as_json and not follow and sys.stderr.isatty():
-            self.bar = click.progressbar(length=total, label="migrating", file=sys.stderr)
-            self.bar.__enter__()
+        self._drawn = False  # a live line is on the terminal, still without its newline
+        self._shown: tuple[int, int | None] = (0, None)  # (moved, pending) of the last line
+        self._lock = threading.RLock()  # the run, the ticker and notices print in turn
+        self._stopped = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Plain lines keep coming while nothing moves (a stalled run says so in the log)."""
+        if self.plain and self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stopped.wait(self.plain_due.remaining() + 0.01):
+            with self._lock:
+                if not self._stopped.is_set():
+                    self._maybe_plain()
 
     def __call__(self, queue: str, count: int) -> None:
-        self.done += count
-        self.moved[queue] = self.moved.get(queue, 0) + count
-        if self.as_json:
-            event = {"event": "progress", "queue": queue, "moved": self.done, "total": self.total}
-            click.echo(json.dumps(event))
-        elif self.bar is not None:
-            self.bar.update(count)
-        elif self.follow_line:
-            self._line()
+        with self._lock:
+            self.done += count
+            self.meter.add(count)
+            self.moved[queue] = self.moved.get(queue, 0) + count
+            if self.as_json:
+                event = {
+                    "event": "progress",
+                    "queue": queue,
+                    "moved": self.done,
+                    "total": self.total,
+                    "ts": timestamp(),
+                    "rate": round(self.meter.rate(), 1),
+                }
+                click.echo(json.dumps(event))
+            elif self.follow_line:
+                self._line()
+            elif self.tty_bar:
+                if self.redraw_due.due():
+                    self._draw()
+            elif self.plain:
+                self._maybe_plain()
 
     def show_pending(self, pending: dict[str, int]) -> None:
-        """--follow on a TTY: what is left in Redis per queue, refreshed every round."""
-        if self.follow_line and pending != self.pending:
+        """--follow: what is left in Redis per queue, refreshed every round."""
+        with self._lock:
+            if pending == self.pending:
+                return
             self.pending = dict(pending)
-            self._line()
+            if self.follow_line:
+                self._line()
+
+    def _pending_total(self) -> int | None:
+        return sum(self.pending.values()) if self.pending else None
 
     def _line(self) -> None:
         queues = sorted(set(self.moved) | set(self.pending))
         line = "  ".join(
             f"{q}: {self.moved.get(q, 0)} moved, {self.pending.get(q, 0)} pending" for q in queues
         )
-        click.echo(f"\r{line}\x1b[K", nl=False, err=True)
+        click.echo(f"\r{line}  ({rate_text(self.meter.rate())})\x1b[K", nl=False, err=True)
+        self._drawn = True
+
+    def _draw(self) -> None:
+        click.echo(f"\r{bar(self.meter)} {counts(self.meter)}\x1b[K", nl=False, err=True)
+        self._drawn = True
+
+    def _maybe_plain(self) -> None:
+        """A plain line if one is due; with --follow only if something changed (an idle
+        bridge stays quiet), else always (a stalled run shows 0 msg/s)."""
+        if not self.plain_due.due():
+            return
+        state = (self.meter.moved, self._pending_total())
+        if self.meter.total is None and state == self._shown:
+            return
+        self._plain(state)
+
+    def _plain(self, state: tuple[int, int | None]) -> None:
+        self._shown = state
+        click.echo(f"{self.name}: {counts(self.meter, state[1])}", err=True)
 
     def notify(self, text: str) -> None:
         """What the operator must see (a pause, a resume, the end), on its own line."""
-        if self.as_json:
-            click.echo(json.dumps({"event": "notice", "text": text}))
-        else:
-            click.echo(("\n" if self.follow_line else "") + text, err=True)
+        with self._lock:
+            if self.as_json:
+                click.echo(json.dumps({"event": "notice", "text": text}))
+                return
+            if self.follow_line:
+                click.echo("\n" + text, err=True)
+            else:
+                click.echo(("\n" if self._drawn else "") + text, err=True)
+            self._drawn = False
+
+    def finish(self) -> None:
+        """The run ended: the last counts, also in a log (whenever the last line was)."""
+        self._stop_ticker()
+        with self._lock:
+            if self.tty_bar:
+                self._draw()
+            elif self.plain:
+                self._plain((self.meter.moved, self._pending_total()))
+            self._end_line()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+        """The run failed or was refused: no more lines, the terminal's line ended."""
+        self._stop_ticker()
+        with self._lock:
+            self._end_line()
+
+    def _stop_ticker(self) -> None:
+        """Called without the lock held: the ticker may be waiting for it."""
+        self._stopped.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=1)
+
+    def _end_line(self) -> None:
+        if self._drawn:
+            click.echo("", err=True)
+            self._drawn = False
 
 
 @click.command()
@@ -143,15 +255,18 @@ class _Progress:
     "source_url",
     required=True,
     envvar=MIGRATE_FROM_VARIABLE,
+    show_envvar=True,
     metavar="redis://[:PASSWORD@]HOST:PORT/DB | amqps://...",
-    help="The broker to drain (default: PACKIT_MIGRATE_FROM, keeps it out of argv). An"
+    help="The broker to drain (the environment variable keeps its password out of argv). An"
     " amqps:// URL rolls back: RabbitMQ -> the Redis named by --to.",
 )
 @click.option(
     "--to",
+    envvar=MIGRATE_TO_VARIABLE,
+    show_envvar=True,
     metavar="amqps://USER:PASSWORD@HOST:PORT/VHOST | redis://...",
-    help=f"Destination (default: {MIGRATE_TO_VARIABLE}, else PACKIT_BROKER_URL); a redis:// URL"
-    " for a rollback.",
+    help="Destination; without it or its env var, PACKIT_BROKER_URL. A redis:// URL for a"
+    " rollback.",
 )
 @click.option("--ca-file", type=click.Path(dir_okay=False), help="PACKIT_BROKER_CA_FILE")
 @click.option("--cert-file", type=click.Path(dir_okay=False), help="PACKIT_BROKER_CERT_FILE")
@@ -277,7 +392,7 @@ def migrate(
     """
     if (until_idle is not None or metrics_port is not None) and not follow:
         raise click.UsageError("--until-idle and --metrics-port need --follow")
-    to_url = flags.pop("to") or os.environ.get(MIGRATE_TO_VARIABLE) or None
+    to_url = flags.pop("to") or None
     if _scheme(source_url) in AMQP_SCHEMES:
         # The AMQP side is parsed as PACKIT_BROKER_URL, with the CA/cert/connect-to flags.
         env = _environment({**flags, "to": source_url})
@@ -303,6 +418,11 @@ def migrate(
             " --to redis://..."
         )
     env = _environment({**flags, "to": to_url})
+    if not env.get(FLAG_VARIABLES["to"], "").strip():
+        raise click.UsageError(
+            f"Missing option '--to' (env var: '{MIGRATE_TO_VARIABLE}', or"
+            f" '{FLAG_VARIABLES['to']}'): expected amqps://USER:PASSWORD@ROUTE_HOST:443/VHOST"
+        )
     try:
         broker = broker_from_env(env)
         queue_settings = queues_from_env(env)
@@ -360,6 +480,7 @@ def migrate(
             notify=progress.notify,
             show_pending=progress.show_pending,
         )
+        progress.start()
         report = migration.run(plan)
     except Refused as exc:
         fix = (
@@ -434,11 +555,14 @@ def _rollback(
                 _show_rollback_plan(plan, as_json)
                 refused = plan.selection_refusal or plan.layout_refusal
                 sys.exit(EXIT_REFUSED if refused else EXIT_OK)
-            progress = _Progress(sum(q.ready for q in plan.queues), as_json, follow=options.follow)
+            progress = _Progress(
+                sum(q.ready for q in plan.queues), as_json, follow=options.follow, name="rollback"
+            )
             rollback.progress, rollback.notify = progress, progress.notify
             if options.follow:
                 _stop_on_signals(stop)
             side = ""
+            progress.start()
             report = rollback.run(plan)
     except Refused as exc:
         if plan.layout_refusal:
@@ -519,11 +643,13 @@ def _end(
 ) -> NoReturn:
     """Write the report, then let Redis forget the possible duplicates it now lists (not
     before: a crash in between keeps them for the next run's report); exit by the report,
-    or 0 for a following run stopped by a signal."""
-    progress.close()
-    _finish(report, report_file, as_json)
+    or 0 for a following run stopped by a signal. Ids the terminal showed only some of are
+    not forgotten without a report file: the next run reports them again."""
+    progress.finish()
+    told = _finish(report, report_file, as_json, name=progress.name, stopped=stopped)
     for name, ids in report.evidence().items():
-        store.forget_reported(name, ids)
+        if name in told:
+            store.forget_reported(name, ids)
     sys.exit(EXIT_OK if stopped else _exit_code(report))
 
 
@@ -544,15 +670,34 @@ def _show_rollback_plan(plan: RollbackPlan, as_json: bool) -> None:
         click.echo(f"  would refuse without --force: {plan.refusal}")
 
 
-def _finish(report: Report, report_file: Path | None, as_json: bool) -> None:
-    """The report: to the file (atomically), then stdout."""
+def _finish(
+    report: Report, report_file: Path | None, as_json: bool, *, name: str, stopped: bool
+) -> set[str]:
+    """The report: to the file (atomically), then stdout; the evidence lists (by their Redis
+    names) that were said in full, by the file or on stdout."""
     data = report.as_dict()
     if report_file is not None:
         _write_atomically(report_file, json.dumps(data, indent=2) + "\n")
+    state = "stopped" if stopped else "done" if report.complete else "incomplete"
+    line = summary(
+        name,
+        state=state,
+        moved=report.total,
+        seconds=report.seconds,
+        report_path=None if report_file is None else str(report_file),
+        quarantined=len(report.quarantine),
+        possible_duplicates=len(data["possible_duplicates"]),
+    )
     if as_json:
         click.echo(json.dumps({"event": "done", **data}))
-    else:
-        _print_summary(data)
+        click.echo(line, err=True)  # stdout stays JSON lines
+        return set(report.evidence())
+    shortened_lists = _print_summary(data, None if report_file is None else str(report_file))
+    click.echo(line)
+    if report_file is not None:
+        return set(report.evidence())
+    lists = {POSSIBLE_DUPLICATES: "possible_duplicates", REDELIVERED: "redelivered"}
+    return {name for name in report.evidence() if lists.get(name) not in shortened_lists}
 
 
 def _exit_code(report: Report) -> int:
@@ -608,9 +753,19 @@ def _diagnose_run_error(exc: BaseException, broker: str, host: str, redis_displa
     return str(classify(exc, RABBITMQ, broker, host, connected=True))
 
 
-def _print_summary(data: dict[str, Any]) -> None:
+def _print_summary(data: dict[str, Any], report_path: str | None) -> set[str]:
+    """The report for a person: counts, and of each long list a few items, the rest named by
+    where it is; the keys of `data` whose list was shortened."""
     rollback = data.get("direction") == "rollback"
     source = "RabbitMQ" if rollback else "Redis"
+    shortened_lists: set[str] = set()
+
+    def some(key: str, items: list[str], kept: str) -> str:
+        text, whole = shortened(items, report_path, kept=kept)
+        if not whole:
+            shortened_lists.add(key)
+        return text
+
     for queue, count in data["migrated"].items():
         click.echo(f"  {queue:<28} {count:>8} migrated")
     if not rollback:
@@ -622,8 +777,18 @@ def _print_summary(data: dict[str, Any]) -> None:
             else "kept byte-exact in Redis list packit_broker.quarantine"
         )
         click.echo(f"  quarantined ({kept}): {data['quarantined']}")
-        for entry in data["quarantine"][:20]:
+        entries = data["quarantine"]
+        for entry in entries[:SHOWN_IDS]:
             click.echo(f"    {entry['source']!r}: {entry['reason']}")
+        if len(entries) > SHOWN_IDS:
+            where = (
+                f"in {report_path}"
+                if report_path
+                else "(still in RabbitMQ: rerun with --report FILE to get them all)"
+                if rollback
+                else "(in packit_broker.quarantine: --report FILE lists every reason)"
+            )
+            click.echo(f"    ... {len(entries) - SHOWN_IDS} more {where}")
     for item in data["skipped"]:
         click.echo(f"  skipped {item['name']!r}: {item['reason']}")
     for item in data["wrong_type"]:
@@ -632,17 +797,19 @@ def _print_summary(data: dict[str, Any]) -> None:
         click.echo(f"  still in {source} after the run: {count} in {where!r} (rerun to move them)")
     if data["taken_over_from"]:
         click.echo(f"  took over the lock of a crashed run: {data['taken_over_from']}")
-    if data["possible_duplicates"]:
+    rerun = "(kept in Redis: rerun with --report FILE to get them all)"
+    if duplicates := data["possible_duplicates"]:
         click.echo(
             f"  possible duplicates (in flight at a crash or a lost connection):"
-            f" {data['possible_duplicates']}"
+            f" {len(duplicates)}: {some('possible_duplicates', duplicates, rerun)}"
         )
-    if data.get("redelivered"):
+    if redelivered := data.get("redelivered"):
         click.echo(
             "  redelivered by RabbitMQ (a consumer had them before: a stopped worker, perhaps"
-            f" mid-task, an earlier run, a node restart): {data['redelivered']}"
+            f" mid-task, an earlier run, a node restart): {len(redelivered)}:"
+            f" {some('redelivered', redelivered, rerun)}"
         )
-    click.echo(f"  done in {data['seconds']:.1f}s")
+    return shortened_lists
 
 
 def _fail(message: str, kept_in: str = "Redis") -> NoReturn:

@@ -64,3 +64,21 @@ def test_follow_shows_moved_and_pending_per_queue_on_one_line(
     assert err.count("\r") == 2
     assert err.rsplit("\r", 1)[1].startswith("long: 0 moved, 0 pending  short: 5 moved, 2 pending")
     assert err.endswith("\nPAUSED: a client is consuming from Redis\n")
+
+
+def test_missing_from_and_to_name_their_environment_variables() -> None:
+    from click.testing import CliRunner
+
+    from packit_broker.commands.migrate import migrate
+
+    unset = {"PACKIT_MIGRATE_FROM": None, "PACKIT_MIGRATE_TO": None, "PACKIT_BROKER_URL": None}
+    no_from = CliRunner().invoke(migrate, [], env=unset)
+    assert no_from.exit_code == 2
+    assert "Missing option '--from' (env var: 'PACKIT_MIGRATE_FROM')" in no_from.output
+    no_to = CliRunner().invoke(migrate, ["--from", "redis://127.0.0.1:1/0"], env=unset)
+    assert no_to.exit_code == 2
+    assert "Missing option '--to' (env var: 'PACKIT_MIGRATE_TO'" in no_to.output
+    assert "PACKIT_BROKER_URL" in no_to.output
+    shown = " ".join(CliRunner().invoke(migrate, ["--help"], env=unset).output.split())
+    assert "[env var: PACKIT_MIGRATE_FROM; required]" in shown
+    assert "[env var: PACKIT_MIGRATE_TO]" in shown
