@@ -27,6 +27,8 @@ from packit_broker.config import HostPort
 TUNNEL_TIMEOUT_ANNOTATION = "haproxy.router.openshift.io/timeout-tunnel"
 TIMEOUT_ANNOTATION = "haproxy.router.openshift.io/timeout"
 ALLOWLIST_ANNOTATION = "haproxy.router.openshift.io/ip_allowlist"
+#: The name OpenShift before 4.18 reads (and later ones still honour when the new one is absent).
+OLD_ALLOWLIST_ANNOTATION = "haproxy.router.openshift.io/ip_whitelist"
 BALANCE_ANNOTATION = "haproxy.router.openshift.io/balance"
 CHECK_INTERVAL_ANNOTATION = "router.openshift.io/haproxy.health.check.interval"
 DEFAULT_TUNNEL_TIMEOUT = "1h"
@@ -166,7 +168,9 @@ def route_from_manifest(
     timeout = timeout or DEFAULT_TUNNEL_TIMEOUT
     if not _TIMEOUT.match(timeout):
         raise ValueError(f"Route {route['metadata']['name']}: bad timeout {timeout!r}")
-    allowlist = tuple(annotations.get(ALLOWLIST_ANNOTATION, "").split())
+    allowlist = tuple(
+        annotations.get(ALLOWLIST_ANNOTATION, annotations.get(OLD_ALLOWLIST_ANNOTATION, "")).split()
+    )
     name = str(route["metadata"]["name"])
     balance = _annotation(
         annotations, BALANCE_ANNOTATION, DEFAULT_BALANCE, BALANCE_ALGORITHMS.__contains__, name

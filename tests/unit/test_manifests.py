@@ -394,6 +394,37 @@ def test_route_is_passthrough_without_path_or_certificates(name: str) -> None:
     annotations = route["metadata"]["annotations"]
     assert annotations["haproxy.router.openshift.io/timeout-tunnel"] == "1h"
     assert annotations["haproxy.router.openshift.io/ip_allowlist"] == "10.0.0.0/8 192.0.2.7"
+    # OpenShift < 4.18 reads only ip_whitelist: without it the list would allow everyone there.
+    assert annotations["haproxy.router.openshift.io/ip_whitelist"] == "10.0.0.0/8 192.0.2.7"
+
+
+@pytest.mark.parametrize("replicas", ["1", "3"])
+def test_rabbitmq_nodes_are_spread_over_machines(replicas: str) -> None:
+    pod = one(rendered("rabbitmq", REPLICAS=replicas), "StatefulSet")["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert spread["maxSkew"] == 1
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "DoNotSchedule"
+    assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_rabbitmq_spread_over_zones_when_asked() -> None:
+    pod = one(
+        rendered(
+            "rabbitmq",
+            SPREAD_TOPOLOGY_KEY="topology.kubernetes.io/zone",
+            SPREAD_WHEN_UNSATISFIABLE="ScheduleAnyway",
+        ),
+        "StatefulSet",
+    )["spec"]["template"]
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
 
 
 def test_rabbitmq_route_reaches_the_amqps_container_port() -> None:
