@@ -96,7 +96,7 @@ def load_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise MalformedMessage("not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise MalformedMessage(f"not JSON ({exc.msg} at {exc.pos})") from None
+        raise MalformedMessage(f"not JSON: {exc.msg} (character {exc.pos})") from None
     except ValueError as exc:  # e.g. numbers too long to convert
         raise MalformedMessage(f"not JSON ({exc})") from None
 

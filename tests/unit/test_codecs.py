@@ -16,11 +16,12 @@ from packit_broker.codecs import (
     bucket_of_amqp,
     from_amqp,
     from_redis,
+    load_json,
     to_amqp,
     to_redis,
 )
 from packit_broker.kombu_layout import KombuLayout
-from packit_broker.messages import TaskMessage
+from packit_broker.messages import MalformedMessage, TaskMessage
 
 LAYOUTS = [KombuLayout(), KombuLayout(priority_steps=tuple(range(10)))]
 
@@ -131,3 +132,11 @@ def test_redis_delivery_info_is_a_route_redis_can_restore(
         }
     )
     assert envelope["properties"]["delivery_info"] == expected
+
+
+def test_a_json_error_reads_as_one_sentence() -> None:
+    # json's own message for an unterminated string ends in "starting at".
+    with pytest.raises(MalformedMessage) as caught:
+        load_json(b'{"body": "abc')
+    assert str(caught.value) == "not JSON: Unterminated string starting at (character 9)"
+    assert "at at" not in str(caught.value)
