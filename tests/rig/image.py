@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -137,7 +138,8 @@ class Podman:
             raise ImageRigError(f"pip wheel of the checkout failed:\n{wheel.stderr[-3000:]}")
         started = time.monotonic()
         self.must(
-            "build", "--quiet", "--network=host", "--file", str(REPO / "Containerfile"),
+            "build", "--quiet", "--network=host", *_own_ulimits(),
+            "--file", str(REPO / "Containerfile"),
             "--ignorefile", str(REPO / ".containerignore"),
             "--build-arg", f"BASE={base_tag}", "--tag", tag, str(context),
         )  # fmt: skip
@@ -150,6 +152,20 @@ class Podman:
         found = json.loads(self.must("image", "inspect", tag))
         assert isinstance(found, list) and len(found) == 1
         return dict(found[0])
+
+
+def _own_ulimits() -> list[str]:
+    """`--ulimit` options that keep the build's RUN steps at this process's own limits.
+
+    podman 5's builder raises RUN steps' open-file and process limits above what it was given,
+    which a sandboxed machine (this kind, and CI's roots) refuses with EPERM; podman run does
+    not (containers.conf's `default_ulimits = []`)."""
+    options = []
+    for name, which in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
+        soft, hard = resource.getrlimit(which)
+        shown = ["-1" if v == resource.RLIM_INFINITY else str(v) for v in (soft, hard)]
+        options.append(f"--ulimit={name}={shown[0]}:{shown[1]}")
+    return options
 
 
 def kubernetes_env(
