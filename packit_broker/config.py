@@ -330,6 +330,12 @@ def _host(variable: str, parts: UrlParts) -> str:
     if not parts.host:
         raise ConfigError(variable, "the URL has no host")
     _check_hostname(variable, parts.host, show=False)
+    if parts.host.endswith(".") and not parts.host.startswith("["):
+        raise ConfigError(
+            variable,
+            "the URL's host name ends with a dot: write it without the dot (SNI carries no"
+            " trailing dot, RFC 6066 section 3, and a Route's spec.host has none)",
+        )
     return parts.host
 
 

@@ -221,3 +221,17 @@ def test_password_never_leaks_into_errors(password: str, port: str) -> None:
     # Static text of the repr ("heartbeat") may contain a short password by chance.
     reference = broker_from_env({"PACKIT_BROKER_URL": f"amqps://user:x@host.example.test:{port}/"})
     assert password not in repr(broker) or password in repr(reference)
+
+
+@pytest.mark.parametrize("variable", ["PACKIT_BROKER_URL"])
+def test_a_trailing_dot_host_is_refused_at_config_time(variable: str) -> None:
+    with pytest.raises(ConfigError, match="ends with a dot"):
+        broker_from_env({variable: "amqps://u:p@amqp.apps.example.com.:443/"})
+
+
+def test_a_trailing_dot_database_host_is_refused_too() -> None:
+    with pytest.raises(ConfigError, match="ends with a dot"):
+        database_from_env(
+            {"PACKIT_DATABASE_URL": "postgresql://u:p@postgres.apps.example.com.:443/packit"},
+            "PACKIT_DATABASE_",
+        )
