@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -12,7 +13,9 @@ import click
 from packit_broker.config import (
     DATABASE_PREFIX,
     RESULT_BACKEND_PREFIX,
+    BrokerEndpoint,
     ConfigError,
+    DatabaseEndpoint,
     broker_from_env,
     database_from_env,
     queues_from_env,
@@ -25,6 +28,8 @@ from packit_broker.doctor import (
     config_failure,
     healthy,
 )
+from packit_broker.doctor.deadline import Check, run_within
+from packit_broker.queues import QueueSettings
 
 EXIT_HEALTHY, EXIT_FAILED = 0, 1
 
@@ -47,15 +52,20 @@ def _environment(flags: Mapping[str, str | None]) -> dict[str, str]:
 
 
 def run_checks(env: Mapping[str, str], timeout: float = DEFAULT_TIMEOUT) -> list[CheckResult]:
-    """Every configured endpoint; a configuration error is a failed `config` line."""
+    """Every configured endpoint, side by side, each within its deadline; a configuration
+    error is a failed `config` line."""
     results: list[CheckResult] = []
+    checks: list[tuple[str, str, str, Check]] = []
     try:
         broker = broker_from_env(env)
         queues = queues_from_env(env)
     except ConfigError as exc:
         results.append(config_failure("broker", exc))
     else:
-        results += check_broker(broker, queues, timeout=timeout)
+        checks.append(
+            ("broker", broker.display_url, "amqp",
+             functools.partial(_broker, broker, queues, timeout))
+        )  # fmt: skip
     seen_urls: set[str] = set()
     for name, prefix in (("database", DATABASE_PREFIX), ("result-backend", RESULT_BACKEND_PREFIX)):
         try:
@@ -71,8 +81,22 @@ def run_checks(env: Mapping[str, str], timeout: float = DEFAULT_TIMEOUT) -> list
             )
             continue
         seen_urls.add(db.display_url)
-        results += check_database(db, name, timeout=timeout)
+        checks.append(
+            (name, db.display_url, "postgresql", functools.partial(_database, db, name, timeout))
+        )
+    for found in run_within(checks, timeout):
+        results += found
     return results
+
+
+def _broker(
+    broker: BrokerEndpoint, queues: QueueSettings, timeout: float, into: list[CheckResult]
+) -> None:
+    check_broker(broker, queues, timeout=timeout, results=into)
+
+
+def _database(db: DatabaseEndpoint, name: str, timeout: float, into: list[CheckResult]) -> None:
+    check_database(db, name, timeout=timeout, results=into)
 
 
 def _render_table(results: list[CheckResult]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Mapping
 from contextlib import suppress
@@ -29,6 +30,60 @@ from packit_broker.router import DEFAULT_TUNNEL_TIMEOUT
 from packit_broker.tls import amqp_ssl_options, ssl_context
 
 TUNNEL_TIMEOUT_SECONDS = 3600  # the router's default `timeout tunnel` (1h)
+
+#: AMQP 0-9-1's frame types (method, content header, content body, heartbeat).
+AMQP_FRAME_TYPES = frozenset({1, 2, 3, 8})
+
+
+class ImpossibleFrame(OSError):
+    """A frame header no AMQP server sends: garbage, or another protocol, behind the port."""
+
+    def __init__(self, header: bytes, limit: int) -> None:
+        frame_type, _, size = struct.unpack(">BHI", header)
+        self.header = header
+        why = (
+            f"frame type {frame_type} (AMQP has 1, 2, 3 and 8)"
+            if frame_type not in AMQP_FRAME_TYPES
+            else f"a frame of {size} bytes (this client allows {limit})"
+        )
+        super().__init__(f"the server announced {why}; its first bytes: {header.hex(' ')}")
+
+
+class _FrameGuard:
+    """Refuses an impossible frame at its 7-byte header, instead of waiting for gigabytes."""
+
+    __slots__ = ()
+    FRAME_LIMIT = 131072  # py-amqp's frame_max: what this client offers, so a ceiling
+
+    def read_frame(self, unpack: Any = struct.unpack) -> Any:
+        transport: Any = self  # py-amqp's transport, which this class is mixed into
+        header = transport._read(7, True)
+        frame_type, _, size = unpack(">BHI", header)
+        if frame_type not in AMQP_FRAME_TYPES or size > self.FRAME_LIMIT:
+            raise ImpossibleFrame(header, self.FRAME_LIMIT)
+        transport._read_buffer = header + transport._read_buffer  # read again, as py-amqp does
+        return super().read_frame(unpack)  # type: ignore[misc]
+
+
+_GUARDED: dict[type, type] = {}
+
+
+def _guarded(transport_class: type) -> type:
+    """`transport_class` with the frame guard first (same slots: its instances can switch)."""
+    if transport_class not in _GUARDED:
+        _GUARDED[transport_class] = type(
+            f"Guarded{transport_class.__name__}", (_FrameGuard, transport_class), {"__slots__": ()}
+        )
+    return _GUARDED[transport_class]
+
+
+class _CheckedConnection(BlockAwareConnection):
+    """The connection `check` logs in with: its transport refuses impossible frames."""
+
+    def Transport(self, *args: Any, **kwargs: Any) -> Any:
+        transport = super().Transport(*args, **kwargs)
+        transport.__class__ = _guarded(type(transport))
+        return transport
 
 
 def _http_status(facts: TlsFacts, tls: TLSSettings) -> str | None:
@@ -69,7 +124,10 @@ def _amqp_connection_failure(
 ) -> None:
     text = str(exc) or type(exc).__name__
     name = type(exc).__name__
-    if plain_address is not None and _is_eof(exc) and _speaks_tls(plain_address, DEFAULT_TIMEOUT):
+    # A TLS alert or an HTTP page read as a frame header is an impossible frame too; those
+    # have better names (a TLS port, the router's default backend) than "not AMQP".
+    cut = _is_eof(exc) or isinstance(exc, ImpossibleFrame)
+    if plain_address is not None and cut and _speaks_tls(plain_address, DEFAULT_TIMEOUT):
         report.fail(
             "tls",
             f"{text}: the URL says amqp:// (plaintext) but {plain_address[0]}:{plain_address[1]}"
@@ -92,6 +150,17 @@ def _amqp_connection_failure(
             f" (`rabbitmqctl set_permissions -p {endpoint.vhost} {endpoint.username} ...`), or"
             " correct the URL path (`/` is written as an empty path)",
         )
+    elif (
+        isinstance(exc, ImpossibleFrame)
+        and not exc.header.startswith(b"HTTP/")
+        and not (facts is not None and facts.router_default_suspect)
+    ):
+        report.fail(
+            "amqp",
+            f"{text}: what answers behind this TLS endpoint is not an AMQP broker",
+            "point the Route's spec.port.targetPort (or *_CONNECT_TO) at RabbitMQ's AMQPS port"
+            " (5671); `oc get endpoints SERVICE` shows what the Service reaches",
+        )
     elif isinstance(exc, TimeoutError):
         report.fail(
             "amqp",
@@ -99,7 +168,7 @@ def _amqp_connection_failure(
             "the port answers TLS but not AMQP: check that the Route/Service targets the"
             " broker's AMQPS port (5671)",
         )
-    elif _is_eof(exc) or name in (
+    elif cut or name in (
         "UnexpectedFrame",
         "FrameSyntaxError",
         "RecoverableConnectionError",
@@ -297,12 +366,21 @@ def _heartbeat(report: _Report, connection: Any) -> None:
 
 
 def check_broker(
-    endpoint: BrokerEndpoint, queues: QueueSettings, *, timeout: float = DEFAULT_TIMEOUT
+    endpoint: BrokerEndpoint,
+    queues: QueueSettings,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    results: list[CheckResult] | None = None,
 ) -> list[CheckResult]:
-    """All layers of the AMQP broker, stopping at the first that fails."""
+    """All layers of the AMQP broker, stopping at the first that fails.
+
+    Each result is appended to `results` (when given) as soon as its layer is done, so that a
+    caller with a deadline (`doctor.deadline`) has the layers that passed."""
     import amqp
 
-    report = _Report("broker", endpoint.display_url, (endpoint.password,))
+    report = _Report(
+        "broker", endpoint.display_url, (endpoint.password,), [] if results is None else results
+    )
     facts: TlsFacts | None = None
     plain_address: tuple[str, int] | None = None
     if endpoint.tls is None:
@@ -323,7 +401,7 @@ def check_broker(
         if facts is None:
             return report.results
     blocked: list[tuple[str, float]] = []
-    connection = BlockAwareConnection(
+    connection = _CheckedConnection(
         str(endpoint.dial),
         userid=endpoint.username,
         password=endpoint.password,

@@ -20,6 +20,7 @@ EXPIRY_WARNING_DAYS = 21
 #: OpenSSL's X509_V_ERR_* codes that matter here.
 _CERT_HAS_EXPIRED = 10
 _HOSTNAME_MISMATCH = 62
+_NO_LOCAL_ISSUER = 20  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,10 @@ def _certificate_failure(
     sni_sent: bool,
     ca_file: Path | None,
     kind: str,
+    chain: int | None = None,
 ) -> None:
+    """Name why verification failed. `chain`: how many certificates the server sent, when
+    known (a lone leaf not issued by the CA file's CA is a chain missing its intermediate)."""
     message = exc.verify_message or str(exc)
     ca = str(ca_file) if ca_file else "the system CA store"
     if cert is not None and cert.looks_like_router_default(host):
@@ -171,6 +175,25 @@ def _certificate_failure(
             f"the certificate is for {names}, not {host!r} ({message})",
             f"issue the server certificate with {host} in its subjectAltName, or use a host it"
             " names in the URL (the dial address goes in *_CONNECT_TO)",
+        )
+    elif exc.verify_code == _NO_LOCAL_ISSUER and chain == 1:
+        issuer = cert.issuer if cert else "an intermediate CA"
+        report.fail(
+            "certificate",
+            f"the server sent only its own certificate, issued by {issuer}, and that issuer is"
+            f" not in {ca} ({message}): the server's chain lacks its intermediate",
+            "fix the server's chain: its tls.crt must hold the server certificate followed by"
+            " the intermediate CA certificate(s) (cert-manager's tls.crt does; a hand-made"
+            " Secret may not); the CA file stays the root",
+        )
+    elif exc.verify_code == _NO_LOCAL_ISSUER:
+        issuer = f", issued by {cert.issuer}," if cert else ""
+        report.fail(
+            "certificate",
+            f"the server certificate{issuer} does not lead to the configured CA {ca} ({message})",
+            "either set *_CA_FILE to the CA that signed it, or, if its issuer is an"
+            " intermediate of that CA, make the server send it: tls.crt = the server"
+            " certificate followed by the intermediate(s)",
         )
     else:
         issuer = f" (issued by {cert.issuer})" if cert else ""

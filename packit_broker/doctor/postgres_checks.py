@@ -73,14 +73,20 @@ def _postgres_failure(
 
 
 def check_database(
-    db: DatabaseEndpoint, name: str = "database", *, timeout: float = DEFAULT_TIMEOUT
+    db: DatabaseEndpoint,
+    name: str = "database",
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    results: list[CheckResult] | None = None,
 ) -> list[CheckResult]:
-    """PostgreSQL with direct TLS: network layers, login, version >= 17, negotiation info."""
+    """PostgreSQL with direct TLS: network layers, login, version >= 17, negotiation info.
+
+    Results go to `results` (when given) as each layer is done, as for `check_broker`."""
     import psycopg2
 
     from packit_broker.database import connect_args
 
-    report = _Report(name, db.display_url, (db.password,))
+    report = _Report(name, db.display_url, (db.password,), [] if results is None else results)
     facts = probe_tls(
         report,
         db.dial,

@@ -23,6 +23,9 @@ from packit_broker.doctor.results import _Report
 from packit_broker.tls import ssl_context
 
 DEFAULT_TIMEOUT = 5.0
+#: A silent TLS handshake through a router is tried once more, this many timeouts long: what a
+#: router retrying a dead backend looks like (it closes once its retries are spent).
+RETRY_FACTOR = 1.2
 
 _PLAINTEXT_MARKERS = (
     "WRONG_VERSION_NUMBER",
@@ -176,7 +179,7 @@ def _plaintext_banner(address: tuple[str, int], timeout: float) -> str | None:
     """Ask a silent port something harmless in plaintext and name what answered."""
     try:
         with socket.create_connection(address, timeout=timeout) as sock:
-            sock.settimeout(min(timeout, 2.0))
+            sock.settimeout(min(timeout / 4, 2.0))  # within the endpoint's deadline
             sock.sendall(b"PING\r\n")
             data = sock.recv(64)
     except OSError:
@@ -192,6 +195,14 @@ def _plaintext_banner(address: tuple[str, int], timeout: float) -> str | None:
     if data.startswith(b"SSH-"):
         return "an SSH server answered"
     return f"something answered in plaintext ({data[:16]!r})"
+
+
+def _chain_length(sock: ssl.SSLSocket) -> int | None:
+    """How many certificates the server sent (Python 3.13+); None where Python cannot tell."""
+    unverified = getattr(sock, "get_unverified_chain", None)
+    if unverified is None:
+        return None
+    return len(unverified() or ())
 
 
 def _via_route(port: int, connect_to: HostPort | None) -> bool:
@@ -216,7 +227,9 @@ def _handshake_failure(
         # Silence is also what a router retrying a dead backend looks like: wait it out once.
         waited = True
         try:
-            retry(max(3 * timeout, 10.0))
+            # Once more, as long as the endpoint's deadline allows after the first wait and
+            # the plaintext probe (doctor.deadline: 1 + 1/4 + 1.2 < 2.6 timeouts).
+            retry(RETRY_FACTOR * timeout)
         except (OSError, ssl.SSLError) as again:
             if _is_eof(again):
                 exc, text = again, str(again) or type(again).__name__
@@ -227,11 +240,19 @@ def _handshake_failure(
                 "the server or the router is overloaded, or --timeout is too short",
             )
             return
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) and banner is None:
         report.fail(
             "tls",
-            f"no TLS answer within {timeout:g} s: that port speaks plaintext"
-            + (f" ({banner})" if banner else " (a TLS server answers a ClientHello at once)"),
+            f"silent: {address[0]}:{address[1]} accepted the connection but answered neither a"
+            f" TLS ClientHello nor a plaintext probe within {timeout:g} s",
+            "something takes the connection and says nothing (a router whose backend does not"
+            " answer, a proxy or firewall, a hung server): check the pods behind the Route"
+            " (`oc get endpoints SERVICE`) and that the URL/CONNECT_TO names the TLS port",
+        )
+    elif isinstance(exc, TimeoutError):
+        report.fail(
+            "tls",
+            f"no TLS answer within {timeout:g} s: that port speaks plaintext ({banner})",
             "point the URL/CONNECT_TO at the TLS port (the router's 443, or the server's TLS"
             " listener, e.g. 5671 for RabbitMQ)",
         )
@@ -309,16 +330,18 @@ def probe_tls(
             protocol, cipher = sock.version() or "?", (sock.cipher() or ("?",))[0]
             cert = peer_cert_from_dict(sock.getpeercert() or {})
     except ssl.SSLCertVerificationError as exc:
+        chain: int | None = None
         try:
             with _tls_socket(address, host, _unverified_context(tls, alpn), timeout) as sock:
                 protocol, cipher = sock.version() or "?", (sock.cipher() or ("?",))[0]
                 der = sock.getpeercert(binary_form=True)
+                chain = _chain_length(sock)
         except (OSError, ssl.SSLError):
             protocol, cipher, der = "?", "?", None
         sni = "SNI " + host if sni_sent else "no SNI"
         report.ok("tls", f"{protocol}, {cipher} ({sni})")
         _certificate_failure(
-            report, exc, peer_cert_from_der(der), host, sni_sent, tls.ca_file, kind
+            report, exc, peer_cert_from_der(der), host, sni_sent, tls.ca_file, kind, chain
         )
         return None
     except (OSError, ssl.SSLError) as exc:
