@@ -46,6 +46,10 @@ from packit_broker.migrate.report import QuarantinedEntry, Report, skipped_list,
 from packit_broker.queues import QueueSettings, QueueSpec
 from packit_broker.recovery import RECONNECT_MAX_PAUSE, RECONNECT_WINDOW, Backoff
 
+#: --follow: how often the bridge surveys Redis again for queues that appeared since it started
+#: and for unacked entries a Redis worker left behind (once no Redis consumer is left).
+RESURVEY_SECONDS = 5.0
+
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
 Bindings = dict[str, set[tuple[str, str]]]
 
@@ -384,6 +388,10 @@ class Migration:
             nack_retry_seconds=self.options.nack_retry_seconds,
         )
         sink.etas = self.report.etas
+        sink.on_redeclare = lambda queue: self.notify(
+            f"queue {queue!r} had vanished from RabbitMQ (deleted?): declared it again as the"
+            " workers declare it and published its tasks again (none went to quarantine)"
+        )
         return sink
 
     def _use(self, sink: AmqpSink, plan: Plan) -> None:
@@ -503,10 +511,14 @@ class Migration:
         (pause, loudly), move every lane in kombu's priority order, idle with heartbeats."""
         lanes = [Lane(key, q.spec) for q in plan.queues for key in q.keys.values()]
         active = time.monotonic()  # last time something was pending or moved
+        surveyed = time.monotonic()
         while not self.stop.is_set():
             self._check_lock()
             if not self.options.force and not self._no_consumers(sink):
                 return
+            if time.monotonic() - surveyed >= RESURVEY_SECONDS:
+                lanes += self._resurvey(sink, plan)
+                surveyed = time.monotonic()
             moved = sum(driver.move(lane) for lane in lanes if not self.stop.is_set())
             pending = self._pending(plan)
             now = time.monotonic()
@@ -517,6 +529,41 @@ class Migration:
                 return
             if not moved and not self.stop.is_set():
                 sink.idle(self.options.poll_seconds)
+
+    def _resurvey(self, sink: AmqpSink, plan: Plan) -> list[Lane]:
+        """What Redis holds now that the plan did not: queues that appeared since the start (a
+        producer release routing to a new queue, a list kombu deleted while it was empty, the
+        default queue of a mis-routed producer) join the plan, declared as the rest; unacked
+        entries a Redis worker left behind (older than the freshness rule) are moved. The new
+        queues' lanes. An explicit --queue selection stays as asked."""
+        lanes: list[Lane] = []
+        if not self.options.queues:
+            fresh = make_plan(self.source, self.queues, self.options)
+            plan.bindings, plan.known = fresh.bindings, plan.known | fresh.known
+            have = {q.spec.name for q in plan.queues}
+            for queue_plan in (q for q in fresh.queues if q.spec.name not in have):
+                sink.prepare(queue_plan.spec)
+                self.report.migrated.setdefault(queue_plan.spec.name, 0)
+                plan.queues.append(queue_plan)
+                lanes += [Lane(key, queue_plan.spec) for key in queue_plan.keys.values()]
+                self.notify(
+                    f"found queue {queue_plan.spec.name!r} in Redis since the start"
+                    f" ({queue_plan.total} tasks): declared in RabbitMQ and moved too"
+                )
+        if self.options.include_unacked and plan.unacked_readable:
+            self._move_left_unacked(sink, plan)
+        return lanes
+
+    def _move_left_unacked(self, sink: AmqpSink, plan: Plan) -> None:
+        """Unacked entries that appeared after the start (a Redis worker that came back and
+        was killed) and are older than the freshness rule: moved under kombu's mutex."""
+        cutoff = time.time() - self.options.fresh_unacked_seconds
+        old = [e for e in self.source.unacked() if (e.delivered_at or 0.0) <= cutoff]
+        if not old:
+            return
+        selected = {q.spec.name: q.spec for q in plan.queues}
+        with self.source.unacked_mutex() as mutex:
+            self._move_unacked(sink, selected, plan, mutex, old)
 
     def _no_consumers(self, sink: AmqpSink) -> bool:
         """Wait (paused, loudly, heartbeats going) while a client consumes from Redis: moving
@@ -546,6 +593,11 @@ class Migration:
         keys = [k for q in plan.queues for k in q.keys.values()]
         lengths = dict(zip(keys, self.source.lengths(keys), strict=True))
         pending = {q.spec.name: sum(lengths[k] for k in q.keys.values()) for q in plan.queues}
+        if self.options.include_unacked and plan.unacked_readable:
+            for entry in self.source.unacked():  # a Redis worker's tasks wait there as well
+                for target in _entry_targets(entry, plan.bindings, plan.known):
+                    if target in pending:
+                        pending[target] += 1
         if self.metrics is not None:
             for queue, count in pending.items():
                 self.metrics.set_pending(queue, count)
@@ -563,9 +615,15 @@ class Migration:
             self.metrics.observe_batch(queue, seconds)
 
     def _remaining(self, plan: Plan) -> dict[str, int]:
-        """Read the selected queues again: completeness is checked, not assumed."""
+        """Read the selected queues again, and survey the whole database for queues that
+        appeared meanwhile: completeness is checked, not assumed."""
         keys = [k for q in plan.queues for k in q.keys.values()]
         left = {k: n for k, n in zip(keys, self.source.lengths(keys), strict=True) if n}
+        if not self.options.queues:  # every queue was asked for: one that appeared counts
+            planned = {q.spec.name for q in plan.queues}
+            for late in make_plan(self.source, self.queues, self.options).queues:
+                if late.spec.name not in planned:
+                    left.update({k: n for s, k in late.keys.items() if (n := late.counts[s])})
         if self.options.include_unacked and plan.unacked_readable:
             selected = {q.spec.name for q in plan.queues}
             for entry in self.source.unacked():
@@ -590,9 +648,14 @@ class Migration:
             self.lock.check()
 
     def _move_unacked(
-        self, sink: AmqpSink, selected: dict[str, QueueSpec], plan: Plan, mutex: Any
+        self,
+        sink: AmqpSink,
+        selected: dict[str, QueueSpec],
+        plan: Plan,
+        mutex: Any,
+        entries: Sequence[UnackedEntry] | None = None,
     ) -> None:
-        entries = self.source.unacked()
+        entries = self.source.unacked() if entries is None else entries
         for start in range(0, len(entries), self.options.batch_size):
             self._check_lock()
             mutex.extend(self.source.layout.unacked_mutex_expire, replace_ttl=True)
