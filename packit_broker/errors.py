@@ -224,6 +224,25 @@ def queue_refuses_all(endpoint: str, queue: str, waited: float) -> Diagnosis:
     )
 
 
+#: AMQP's reply code for a mandatory message that reached no queue.
+NO_ROUTE = 312
+
+
+def unroutable_after_redeclare(endpoint: str, queue: str) -> Diagnosis:
+    """A queue that vanished, was declared again, and still routes nothing: the environment
+    (a binding or exchange removed, a policy), not the messages; they stay in Redis."""
+    return Diagnosis(
+        RABBITMQ,
+        QUEUE_UNAVAILABLE,
+        endpoint,
+        f"RabbitMQ returned messages for {queue!r} as unroutable (312 NO_ROUTE) even after the"
+        " queue was declared again as the workers declare it",
+        f"check the exchange and bindings of {queue!r} (`rabbitmqctl list_bindings`) and any"
+        " policy that removes them; nothing of the returned batch left Redis (a following"
+        " bridge tries again after a pause)",
+    )
+
+
 def return_reason(code: int, text: str, exchange: str, routing_key: str) -> str:
     return (
         f"RabbitMQ returned it as unroutable ({code} {text}): exchange {exchange!r} with routing"

@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,10 +82,13 @@ class AmqpTicket(Ticket):
 
     #: (index in the batch, message, when first nacked)
     nacked: list[tuple[int, AmqpMessage, float]] = field(default_factory=list)
+    #: (index in the batch, message) returned as NO_ROUTE: its queue vanished (deleted)
+    unroutable: list[tuple[int, AmqpMessage]] = field(default_factory=list)
 
     @property
     def final(self) -> bool:
-        return self.settled and not self.nacked  # nacked ones are published again by `wait`
+        # nacked and unroutable ones are published again by `wait`
+        return self.settled and not self.nacked and not self.unroutable
 
 
 class AmqpSink:
@@ -117,7 +120,7 @@ class AmqpSink:
         self._last_tag = 0
         self._low = 1  # every tag below is settled
         self._inflight: dict[int, tuple[AmqpTicket, int, AmqpMessage]] = {}
-        self._returned: dict[int, str] = {}
+        self._returned: dict[int, tuple[int, str]] = {}  # tag -> (reply code, reason)
         self._unmatched: list[str] = []
         self._blocked: tuple[str, float] | None = None
         self._broken = False
@@ -127,6 +130,10 @@ class AmqpSink:
         #: Tasks not yet due (the run shares its report's summary with each sink it opens).
         self.etas = delayed_delivery.EtaSummary()
         self._accepted_at: dict[str, float] = {}  # routing key -> when RabbitMQ last acked one
+        #: (exchange, routing key) -> the queue it was encoded for, to declare a vanished one
+        self._targets: dict[tuple[str, str], QueueSpec] = {}
+        #: told the name of each queue declared again because it had vanished
+        self.on_redeclare: Callable[[str], None] = lambda queue: None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -191,9 +198,10 @@ class AmqpSink:
         route = delayed_delivery.delayed_route(target, message.headers, now)
         seconds = delayed_delivery.delay_seconds(message.headers, now)
         self.etas.add(target, seconds, route is not None)
-        if route is None:
-            return encoded
-        return dataclasses.replace(encoded, exchange=route[0], routing_key=route[1])
+        if route is not None:
+            encoded = dataclasses.replace(encoded, exchange=route[0], routing_key=route[1])
+        self._targets[(encoded.exchange, encoded.routing_key)] = target
+        return encoded
 
     # -- declarations ---------------------------------------------------------------------------
 
@@ -233,8 +241,10 @@ class AmqpSink:
             return
         ticket, index, message = found
         returned = self._returned.pop(tag, None)
-        if returned is not None:
-            ticket.refused.append(Rejection(index, returned))
+        if returned is not None and returned[0] == errors.NO_ROUTE and self._target_of(message):
+            ticket.unroutable.append((index, message))
+        elif returned is not None:
+            ticket.refused.append(Rejection(index, returned[1]))
         elif refusal == errors.NACK_REASON:
             ticket.nacked.append((index, message, time.monotonic()))
         elif refusal is not None:
@@ -259,11 +269,9 @@ class AmqpSink:
 
     def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
         """A return precedes the ack of its own publish; find that publish by its content."""
+        code = int(getattr(exc, "reply_code", None) or getattr(exc, "code", 0) or 0)
         reason = errors.return_reason(
-            int(getattr(exc, "code", 0) or 0),
-            str(getattr(exc, "reply_text", "") or exc),
-            exchange,
-            routing_key,
+            code, str(getattr(exc, "reply_text", "") or exc), exchange, routing_key
         )
         body = message.body
         if isinstance(body, str):  # py-amqp decoded it by its content_encoding: undo that
@@ -274,7 +282,7 @@ class AmqpSink:
                 continue
             sent = found[2]
             if (sent.exchange, sent.routing_key, sent.body) == (exchange, routing_key, body):
-                self._returned[tag] = reason
+                self._returned[tag] = (code, reason)
                 return
         self._unmatched.append(reason)  # never count a returned message as delivered
 
@@ -383,8 +391,35 @@ class AmqpSink:
         if not isinstance(ticket, AmqpTicket):
             raise TypeError(f"not a ticket of this sink: {ticket!r}")
         self._await(ticket)
+        self._retry_unroutable(ticket)
         self._retry_nacked(ticket)
         return sorted(ticket.refused, key=lambda refusal: refusal.index)
+
+    def _target_of(self, message: AmqpMessage) -> QueueSpec | None:
+        return self._targets.get((message.exchange, message.routing_key))
+
+    def _retry_unroutable(self, ticket: AmqpTicket) -> None:
+        """Messages returned as NO_ROUTE for a queue this sink declared: the queue vanished (an
+        operator deleted it). Declare it again as the workers do (queues.py), say so, and
+        publish them again; still unroutable is the environment (`Diagnosed`): the batch stays
+        in Redis, never in quarantine."""
+        if not ticket.unroutable:
+            return
+        returned, ticket.unroutable = ticket.unroutable, []
+        targets = {t.name: t for _, m in returned if (t := self._target_of(m)) is not None}
+        for target in targets.values():
+            self.prepare(target)
+            self.on_redeclare(target.name)
+        again = self.send([message for _, message in returned])
+        self._await(again)
+        if again.unroutable:
+            first = again.unroutable[0][1]
+            name = next((t.name for t in targets.values() if self._target_of(first) is t), "?")
+            raise errors.Diagnosed(
+                errors.unroutable_after_redeclare(self.endpoint.display_url, name)
+            )
+        ticket.refused.extend(Rejection(returned[r.index][0], r.reason) for r in again.refused)
+        ticket.nacked.extend((returned[i][0], m, t) for i, m, t in again.nacked)
 
     def _await(self, ticket: Ticket) -> None:
         deadline = time.monotonic() + self.confirm_timeout
