@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -351,7 +352,16 @@ class _Progress:
 @click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
-    help="With --follow: serve Prometheus metrics at http://0.0.0.0:PORT/metrics.",
+    help="With --follow: serve Prometheus metrics at http://ADDRESS:PORT/metrics.",
+)
+@click.option(
+    "--metrics-address",
+    default="0.0.0.0",
+    show_default=True,
+    envvar="PACKIT_MIGRATE_METRICS_ADDRESS",
+    show_envvar=True,
+    help="The address --metrics-port binds (0.0.0.0: every interface, as a pod's Prometheus"
+    " scrape needs; 127.0.0.1 on a shared host).",
 )
 def migrate(
     source_url: str,
@@ -371,6 +381,7 @@ def migrate(
     follow: bool,
     until_idle: float | None,
     metrics_port: int | None,
+    metrics_address: str,
     **flags: Any,
 ) -> None:
     """Move every pending Celery message from Redis to RabbitMQ, losing none.
@@ -392,6 +403,7 @@ def migrate(
     """
     if (until_idle is not None or metrics_port is not None) and not follow:
         raise click.UsageError("--until-idle and --metrics-port need --follow")
+    metrics_at = None if metrics_port is None else (metrics_address, metrics_port)
     to_url = flags.pop("to") or None
     if _scheme(source_url) in AMQP_SCHEMES:
         # The AMQP side is parsed as PACKIT_BROKER_URL, with the CA/cert/connect-to flags.
@@ -410,7 +422,7 @@ def migrate(
             dry_run=dry_run,
             report_file=report_file,
             as_json=as_json,
-            metrics_port=metrics_port,
+            metrics_at=metrics_at,
         )
     if to_url is not None and _scheme(to_url) in REDIS_SCHEMES:
         raise click.UsageError(
@@ -465,9 +477,8 @@ def migrate(
     total = sum(q.total for q in plan.queues) + plan.unacked_total
     progress = _Progress(total, as_json, follow=follow)
     stop = threading.Event()
-    metrics = _serve_metrics(metrics_port) if follow else None
-    if follow:
-        _stop_on_signals(stop)
+    metrics = _serve_metrics(metrics_at) if follow else None
+    _stop_on_signals(stop, progress.notify)
     try:
         migration = Migration(
             source,
@@ -518,7 +529,7 @@ def _rollback(
     dry_run: bool,
     report_file: Path | None,
     as_json: bool,
-    metrics_port: int | None,
+    metrics_at: tuple[str, int] | None,
 ) -> None:
     """RabbitMQ -> Redis. Same exit codes as forward; never returns."""
     if to_url is None or _scheme(to_url) not in REDIS_SCHEMES:
@@ -542,7 +553,7 @@ def _rollback(
     # No bar before the plan has counted the messages (the real one is made then).
     progress = _Progress(0, as_json, follow=True)
     # Served before anything is dialled: a port in use is a usage error, not Redis's.
-    metrics = _serve_metrics(metrics_port) if metrics_port is not None else None
+    metrics = _serve_metrics(metrics_at) if metrics_at is not None else None
     rollback = Rollback(broker, store, queue_settings, options, stop=stop, metrics=metrics)
     side, where = RABBITMQ, (broker.display_url, broker.host)
     try:
@@ -559,8 +570,7 @@ def _rollback(
                 sum(q.ready for q in plan.queues), as_json, follow=options.follow, name="rollback"
             )
             rollback.progress, rollback.notify = progress, progress.notify
-            if options.follow:
-                _stop_on_signals(stop)
+            _stop_on_signals(stop, progress.notify)
             side = ""
             progress.start()
             report = rollback.run(plan)
@@ -596,23 +606,41 @@ def _rollback(
 # -- what both directions do at their end -----------------------------------------------------
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    """--follow: SIGTERM (a Deployment's stop) and SIGINT end the run cleanly, with a report."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+#: What ends a run cleanly (the batches in flight finished, the report written): a Deployment's
+#: stop, Ctrl-C, a closed terminal or session. A second one of them ends it at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _serve_metrics(port: int | None) -> FollowMetrics:
-    """A following run's metrics, served on `port` if given; a port that cannot be bound
-    is a usage error (exit 2), said before anything moves."""
+def _stop_on_signals(stop: threading.Event, notify: Callable[[str], None]) -> None:
+    """Each stop signal sets `stop` (the run finishes what is in flight and reports: exit 0
+    for --follow, the report's own code for a one-shot run); a second one is not caught."""
+
+    def handle(signum: int, frame: object) -> None:
+        notify(
+            f"{signal.Signals(signum).name}: finishing the batches in flight, then the report"
+            " (again to stop at once)"
+        )
+        stop.set()
+        for again in STOP_SIGNALS:
+            signal.signal(again, signal.SIG_DFL)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handle)
+
+
+def _serve_metrics(at: tuple[str, int] | None) -> FollowMetrics:
+    """A following run's metrics, served at (address, port) if given; one that cannot be
+    bound is a usage error (exit 2), said before anything moves."""
     metrics = FollowMetrics()
-    if port is not None:
+    if at is not None:
+        address, port = at
         try:
-            metrics.serve(port)
-        except OSError as exc:
+            metrics.serve(port, address)
+        except (OSError, ValueError) as exc:
             raise click.UsageError(
-                f"--metrics-port {port}: cannot serve metrics there ({exc.strerror or exc});"
-                " choose a free port"
+                f"--metrics-port {port} on --metrics-address {address}: cannot serve metrics"
+                f" there ({getattr(exc, 'strerror', None) or exc}); choose a free port and an"
+                " address of this host"
             ) from None
     return metrics
 

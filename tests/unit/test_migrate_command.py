@@ -82,3 +82,32 @@ def test_missing_from_and_to_name_their_environment_variables() -> None:
     shown = " ".join(CliRunner().invoke(migrate, ["--help"], env=unset).output.split())
     assert "[env var: PACKIT_MIGRATE_FROM; required]" in shown
     assert "[env var: PACKIT_MIGRATE_TO]" in shown
+
+
+def test_metrics_bind_the_address_given() -> None:
+    import urllib.request
+
+    from packit_broker.commands.migrate import _serve_metrics
+    from packit_broker.stack.processes import free_port
+
+    port = free_port()
+    _serve_metrics(("127.0.0.1", port))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+    with open("/proc/net/tcp") as table:  # local address, state 0A = LISTEN
+        rows = [line.split() for line in table.read().splitlines()[1:]]
+    bound = [
+        r[1].split(":")[0] for r in rows if int(r[1].split(":")[1], 16) == port and r[3] == "0A"
+    ]
+    assert bound == ["0100007F"], bound  # 127.0.0.1, not 00000000 (every interface)
+
+
+def test_a_metrics_address_of_another_host_is_a_usage_error() -> None:
+    import click
+    import pytest
+
+    from packit_broker.commands.migrate import _serve_metrics
+    from packit_broker.stack.processes import free_port
+
+    with pytest.raises(click.UsageError, match=r"--metrics-address 192\.0\.2\.1"):
+        _serve_metrics(("192.0.2.1", free_port()))
