@@ -216,6 +216,48 @@ def _target(message: TaskMessage, queue: str, binding: tuple[str, str] | None) -
     return "", queue
 
 
+#: AMQP's widest integer field: a signed 64-bit long-long (py-amqp writes `l`).
+_INT64 = range(-(1 << 63), 1 << 63)
+#: What a content header frame may hold, as this client negotiates (py-amqp's frame_max),
+#: less the frame's own fields (class, weight, body size, property flags, frame envelope).
+CONTENT_HEADER_LIMIT = 131072 - 32
+
+
+def _carried_size(value: Any, path: str) -> int:
+    """About how many bytes `value` takes in an AMQP field table; MalformedMessage for what
+    AMQP cannot carry at all. Cheap (no serialisation): a bound, checked exactly only when
+    it comes near the limit."""
+    if isinstance(value, dict):
+        return sum(len(str(k)) + 2 + _carried_size(v, f"{path}.{k}") for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_carried_size(v, f"{path}[{i}]") for i, v in enumerate(value)) + 5
+    if isinstance(value, str | bytes):
+        return len(value) * (4 if isinstance(value, str) else 1) + 5
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        raise MalformedMessage(
+            f"header {path} holds an integer of {value.bit_length()} bits: AMQP carries at"
+            " most 64-bit integers (a Redis worker would read it, RabbitMQ cannot)"
+        )
+    return 9
+
+
+def _check_carried(props: dict[str, Any]) -> None:
+    """Refuse, per message, properties AMQP cannot carry: a header integer beyond 64 bits, or
+    properties larger than one content header frame (RabbitMQ would close the connection)."""
+    estimate = _carried_size(props.get("application_headers") or {}, "headers")
+    estimate += sum(len(str(v)) + 2 for k, v in props.items() if k != "application_headers")
+    if estimate < CONTENT_HEADER_LIMIT // 2:
+        return  # an upper bound (four bytes a character), and still far below the limit
+    import amqp
+
+    size = len(amqp.Message(b"", **props)._serialize_properties())
+    if size > CONTENT_HEADER_LIMIT:
+        raise MalformedMessage(
+            f"its headers and properties take {size} bytes: an AMQP content header frame holds"
+            f" at most {CONTENT_HEADER_LIMIT} (frame_max); RabbitMQ would close the connection"
+        )
+
+
 def to_amqp(
     message: TaskMessage,
     *,
@@ -242,6 +284,7 @@ def to_amqp(
     priority = amqp_priority_of_bucket(message.bucket, max_priority)
     if priority is not None:
         props["priority"] = priority
+    _check_carried(props)
     exchange, routing_key = _target(message, queue, binding)
     return AmqpMessage(
         body=message.body,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any
 
 import pytest
@@ -140,3 +141,24 @@ def test_a_json_error_reads_as_one_sentence() -> None:
         load_json(b'{"body": "abc')
     assert str(caught.value) == "not JSON: Unterminated string starting at (character 9)"
     assert "at at" not in str(caught.value)
+
+
+def test_a_header_integer_beyond_64_bits_is_refused_for_that_message() -> None:
+    message = TaskMessage(b"{}", {"task": "t", "id": "1", "meta": {"n": [1, 2**64]}})
+    with pytest.raises(MalformedMessage, match=r"header headers\.meta\.n\[1\] holds an integer"):
+        to_amqp(message, queue="q", max_priority=None)
+    # The premise: py-amqp itself cannot write it.
+    import amqp
+
+    with pytest.raises(struct.error):
+        amqp.Message(b"", application_headers={"n": 2**64})._serialize_properties()
+
+
+def test_headers_larger_than_a_frame_are_refused_smaller_ones_pass() -> None:
+    big = TaskMessage(b"{}", {"task": "t", "id": "1", "argsrepr": "x" * 140_000})
+    with pytest.raises(MalformedMessage, match="content header frame holds"):
+        to_amqp(big, queue="q", max_priority=None)
+    fits = TaskMessage(b"{}", {"task": "t", "id": "1", "argsrepr": "x" * 60_000})
+    assert to_amqp(fits, queue="q", max_priority=None).headers["argsrepr"] == "x" * 60_000
+    edge = [2**63 - 1, -(2**63), True]
+    assert to_amqp(TaskMessage(b"{}", {"id": "1", "v": edge}), queue="q", max_priority=None)
