@@ -484,7 +484,7 @@ class RedisSource:
         last `recent_seconds` (a worker whose prefetch is full is not blocked)."""
         found = []
         for client in self.client.client_list():
-            if int(client.get("db", -1)) != self.db or client.get("name") == CLIENT_NAME:
+            if int(client.get("db", -1)) != self.db or _ours(str(client.get("name", ""))):
                 continue
             command = str(client.get("cmd", "")).lower()
             idle = int(client.get("idle", 0))
@@ -507,24 +507,42 @@ class RedisSource:
         return int(self.client.zcount(self.layout.unacked_index, now - within_seconds, "+inf"))
 
 
+#: How often the holder renews the run lock (seconds, at most: a third of its expiry when
+#: that is shorter); also how soon a holder whose connection dropped is connected again.
+LOCK_RENEW_SECONDS = 1.0
+#: A holder with no live connection is taken over only if it still has none this much later:
+#: a live holder whose connection dropped (CLIENT KILL, a Redis restart or failover) has
+#: reconnected by then, under the same client name.
+TAKEOVER_CONFIRM_SECONDS = 3 * LOCK_RENEW_SECONDS
+
+
+def _ours(name: str) -> bool:
+    """Whether a client name is one of packit-broker's own connections (never a consumer)."""
+    return name == CLIENT_NAME or name.startswith(CLIENT_NAME + ".")
+
+
 class RunLock:
     """One migrator per Redis database: a key with owner and expiry, renewed while running.
 
-    A lock whose holder's Redis connection is gone (a SIGKILLed run) or whose expiry passed is
-    taken over; one whose holder is still connected is not.
+    The holder is known by its connection's client name (the owner string, which redis-py
+    sends again on every reconnect), not by a client id that a reconnect changes. A lock
+    whose holder has no connection for TAKEOVER_CONFIRM_SECONDS (a SIGKILLed run), or whose
+    expiry passed, is taken over; one whose holder is connected is not.
     """
 
     def __init__(self, source: RedisSource, ttl: float = 30.0) -> None:
         pool = source.client.connection_pool
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.client_name = f"{CLIENT_NAME}.lock:{self.owner}"
         self.client: redis.Redis[bytes] = redis.Redis(
             connection_pool=redis.ConnectionPool(
-                connection_class=pool.connection_class, **pool.connection_kwargs
+                connection_class=pool.connection_class,
+                **{**pool.connection_kwargs, "client_name": self.client_name},
             ),
             single_connection_client=True,
         )
         self.key = source.own(LOCK)
         self.ttl_ms = int(ttl * 1000)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -533,7 +551,12 @@ class RunLock:
 
     def _value(self) -> str:
         return json.dumps(
-            {"owner": self.owner, "client_id": self.client.client_id(), "since": time.time()}
+            {
+                "owner": self.owner,
+                "client_name": self.client_name,
+                "client_id": self.client.client_id(),
+                "since": time.time(),
+            }
         )
 
     def acquire(self) -> str | None:
@@ -546,23 +569,38 @@ class RunLock:
         if current is None:
             return self.acquire()
         holder = json.loads(current)
-        connected = {int(c["id"]) for c in self.client.client_list()}
-        if holder.get("client_id") in connected:
-            ttl = self.client.pttl(self.key)
-            raise LockHeld(
-                f"{holder.get('owner')} (running since {time.ctime(holder.get('since', 0))},"
-                f" lock expires in {max(ttl, 0) / 1000:.0f}s unless renewed)"
-            )
+        if self._connected(holder):
+            raise self._held(holder)
+        time.sleep(TAKEOVER_CONFIRM_SECONDS)  # a live holder reconnects within this
+        if self.client.get(self.key) != current:
+            return self.acquire()  # renewed, released or taken meanwhile: judge it again
+        if self._connected(holder):
+            raise self._held(holder)
         if not self._take(keys=[self.key], args=[value, self.ttl_ms, current]):
             return self.acquire()
         return str(holder.get("owner"))
+
+    def _connected(self, holder: dict[str, Any]) -> bool:
+        """Whether the holder has a connection: by client name (older runs: by client id)."""
+        clients = self.client.client_list()
+        name = holder.get("client_name")
+        if name:
+            return name in {c.get("name") for c in clients}
+        return holder.get("client_id") in {int(c["id"]) for c in clients}
+
+    def _held(self, holder: dict[str, Any]) -> LockHeld:
+        ttl = self.client.pttl(self.key)
+        return LockHeld(
+            f"{holder.get('owner')} (running since {time.ctime(holder.get('since', 0))},"
+            f" lock expires in {max(ttl, 0) / 1000:.0f}s unless renewed)"
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._renew, name="packit-lock", daemon=True)
         self._thread.start()
 
     def _renew(self) -> None:
-        interval = self.ttl_ms / 3000
+        interval = min(self.ttl_ms / 3000, LOCK_RENEW_SECONDS)
         last_ok = time.monotonic()
         while not self._stop.wait(interval):
             try:

@@ -161,3 +161,39 @@ def test_a_queue_deleted_mid_bridge_is_declared_again_nothing_quarantined(
     assert any("had vanished" in str(t) and queue in str(t) for t in notices), notices
     assert data["quarantined"] == 0 and data["complete"] is True
     assert redis.Redis.from_url(redis_url).llen("packit_broker.quarantine") == 0
+
+
+def test_a_dropped_lock_connection_does_not_let_a_second_bridge_in(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "report.json"
+    first = start_bridge(client_env, redis_url, "--report", str(report))
+    client = redis.Redis.from_url(redis_url)
+    queue = queue_names[0]
+    try:
+        poll(lambda: client.get("packit_broker.lock") is not None, 30, "locked")
+        holder = json.loads(client.get("packit_broker.lock") or b"{}")
+        owner = holder["owner"]
+        killed = 0
+        for entry in client.client_list():
+            if entry.get("name") == holder["client_name"]:
+                client.client_kill_filter(_id=entry["id"])
+                killed += 1
+        assert killed == 1, "the lock's connection is not named after its owner"
+        second = start_bridge(client_env, redis_url, "--report", str(tmp_path / "second.json"))
+        _, stderr = second.communicate(timeout=60)
+        assert second.returncode == 3, stderr  # refused: the first one still holds it
+        assert owner in stderr
+        app = backlog.producer(redis_url, queue_names)
+        sent = [backlog.send(app, queue, f"after-{n}") for n in range(5)]
+        poll(lambda: queue_depth(stack, queue) == len(sent), 30, "moved by the first bridge")
+        data = _stop(first, report)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert sorted(m.headers["id"] for m in drain(stack, queue)) == sorted(sent)
+    assert data["complete"] is True
