@@ -134,6 +134,8 @@ class AmqpSink:
         self._targets: dict[tuple[str, str], QueueSpec] = {}
         #: told the name of each queue declared again because it had vanished
         self.on_redeclare: Callable[[str], None] = lambda queue: None
+        #: told what an operator should know at once (an alarm blocking publishers)
+        self.on_notice: Callable[[str], None] = lambda text: None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -490,7 +492,15 @@ class AmqpSink:
             self._drain(min(remaining, 1.0))
 
     def _wait_unblocked(self) -> None:
-        """A resource alarm: wait up to `blocked_timeout` for RabbitMQ to lift it, then fail."""
+        """A resource alarm: say so at once, wait up to `blocked_timeout` for RabbitMQ to lift
+        it, then fail; say when it was lifted."""
+        if self._blocked is not None:
+            self.on_notice(
+                f"BLOCKED by RabbitMQ ({self._blocked[0]}): a memory or disk alarm stops every"
+                f" publisher; waiting up to {self.blocked_timeout:g} s (--blocked-timeout) for"
+                " it to be lifted; nothing is lost meanwhile"
+            )
+        started = time.monotonic()
         while self._blocked is not None:
             reason, since = self._blocked
             waited = time.monotonic() - since
@@ -500,3 +510,4 @@ class AmqpSink:
                     errors.blocked(self.endpoint.display_url, reason, self.blocked_timeout)
                 )
             self._drain(min(1.0, self.blocked_timeout - waited))
+        self.on_notice(f"unblocked after {time.monotonic() - started:.0f} s: moving on")

@@ -388,6 +388,7 @@ class Migration:
             nack_retry_seconds=self.options.nack_retry_seconds,
         )
         sink.etas = self.report.etas
+        sink.on_notice = self.notify
         sink.on_redeclare = lambda queue: self.notify(
             f"queue {queue!r} had vanished from RabbitMQ (deleted?): declared it again as the"
             " workers declare it and published its tasks again (none went to quarantine)"

@@ -94,6 +94,8 @@ def test_memory_alarm_fails_after_blocked_timeout_naming_it(
         took = time.monotonic() - started
     assert done.returncode == 1, done.stderr
     assert "[resource-alarm] RabbitMQ" in done.stderr
+    # Said at once, not only when --blocked-timeout is spent.
+    assert "BLOCKED by RabbitMQ" in done.stdout + done.stderr
     assert "low on memory" in done.stderr and "memory alarm" in done.stderr
     assert "[tls]" not in done.stderr and "handshake" not in done.stderr
     assert "nothing was lost" in done.stderr
