@@ -21,6 +21,7 @@ import redis
 from packit_broker.config import (
     MIGRATE_FROM_VARIABLE,
     MIGRATE_TO_VARIABLE,
+    BrokerEndpoint,
     ConfigError,
     broker_from_env,
     queues_from_env,
@@ -29,6 +30,7 @@ from packit_broker.config import (
 from packit_broker.errors import RABBITMQ, REDIS, Diagnosed, classify
 from packit_broker.kombu_layout import KombuLayout, LayoutError
 from packit_broker.migrate import MigrateOptions, Migration, Plan, Refused, Report, make_plan
+from packit_broker.migrate.amqp_sink import AmqpSink
 from packit_broker.migrate.metrics import FollowMetrics
 from packit_broker.migrate.progress import (
     PLAIN_INTERVAL,
@@ -280,7 +282,17 @@ class _Progress:
     help="Only this queue (repeatable). Default: configured + found in Redis (rollback: the"
     " configured ones that exist in RabbitMQ).",
 )
-@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing anywhere.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan and exit as the real run would start (3 if it would refuse, 1 if"
+    " RabbitMQ cannot be reached or a queue exists with other arguments); change nothing.",
+)
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="With --dry-run: do not dial RabbitMQ (the plan from Redis alone).",
+)
 @click.option(
     "--report",
     "report_file",
@@ -367,6 +379,7 @@ def migrate(
     source_url: str,
     queues: tuple[str, ...],
     dry_run: bool,
+    offline: bool,
     report_file: Path | None,
     batch_size: int,
     include_unacked: bool,
@@ -404,6 +417,8 @@ def migrate(
     if (until_idle is not None or metrics_port is not None) and not follow:
         raise click.UsageError("--until-idle and --metrics-port need --follow")
     metrics_at = None if metrics_port is None else (metrics_address, metrics_port)
+    if offline and not dry_run:
+        raise click.UsageError("--offline goes with --dry-run")
     to_url = flags.pop("to") or None
     if _scheme(source_url) in AMQP_SCHEMES:
         # The AMQP side is parsed as PACKIT_BROKER_URL, with the CA/cert/connect-to flags.
@@ -473,7 +488,16 @@ def migrate(
             click.echo(json.dumps({"event": "plan", **plan.as_dict()}))
         else:
             _print_plan(plan)
-        sys.exit(EXIT_REFUSED if plan.layout_refusal else EXIT_OK)
+        refused = plan.layout_refusal or (plan.refusal and not force and not follow)
+        if refused:
+            click.echo(f"refused (as the real run would be): {refused}", err=True)
+            sys.exit(EXIT_REFUSED)
+        if not offline:
+            try:
+                _dial_destination(broker, plan)
+            except CONNECTION_ERRORS as exc:
+                _fail(str(classify(exc, RABBITMQ, broker.display_url, broker.host)))
+        sys.exit(EXIT_OK)
     total = sum(q.total for q in plan.queues) + plan.unacked_total
     progress = _Progress(total, as_json, follow=follow)
     stop = threading.Event()
@@ -512,6 +536,23 @@ def migrate(
         progress.close()
         _fail(_diagnose_run_error(exc, broker.display_url, broker.host, redis_display))
     _end(progress, report, report_file, as_json, source, stopped=follow and stop.is_set())
+
+
+def _dial_destination(broker: BrokerEndpoint, plan: Plan) -> None:
+    """A dry run's look at RabbitMQ, changing nothing: log in, and for each queue that exists
+    declare it as the run would (a no-op when its arguments match, PRECONDITION_FAILED when
+    not); a queue that does not exist yet is left alone."""
+    sink = AmqpSink(broker).connect()
+    try:
+        for queue_plan in plan.queues:
+            channel = sink.connection.channel()
+            try:
+                channel.queue_declare(queue_plan.spec.name, passive=True)
+            except amqp.exceptions.NotFound:
+                continue  # the real run declares it
+            sink.declare(queue_plan.spec)
+    finally:
+        sink.close()
 
 
 def _scheme(url: str) -> str:
