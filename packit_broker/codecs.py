@@ -132,6 +132,8 @@ def _priority(properties: dict[str, Any]) -> int:
 def from_redis(raw: bytes, layout: KombuLayout = DEFAULT_LAYOUT) -> TaskMessage:
     """One entry of a kombu Redis list -> the task message (MalformedMessage if it is none)."""
     envelope = load_json(raw)
+    if b'"__type__"' in raw:  # a datetime, decimal or bytes kombu (or a rollback) wrote
+        envelope = _kombu_restored(envelope)
     if not isinstance(envelope, dict):
         raise MalformedMessage(f"envelope is a JSON {type(envelope).__name__}, not an object")
     for key in ("body", "properties"):
@@ -193,7 +195,31 @@ def to_redis(message: TaskMessage, queue: str, binding: tuple[str, str] | None =
         "headers": message.headers,
         "properties": properties,
     }
-    return json.dumps(envelope).encode()
+    return json.dumps(envelope, default=_kombu_typed).encode()
+
+
+def _kombu_typed(value: Any) -> dict[str, Any]:
+    """AMQP-only header types (a timestamp, e.g. in x-death; a decimal; a byte array) in the
+    form kombu's own JSON writes them, which a Redis worker reads back as the same type and
+    `from_redis` turns back into them on the way to AMQP."""
+    from kombu.utils.json import JSONEncoder
+
+    return dict(JSONEncoder().default(value))  # type: ignore[no-untyped-call]
+
+
+def _kombu_restored(envelope: Any) -> Any:
+    """kombu's typed values (`{"__type__": ..., "__value__": ...}`) back to Python objects."""
+    from kombu.utils.json import object_hook
+
+    def restore(value: Any) -> Any:
+        if isinstance(value, dict):
+            value = {k: restore(v) for k, v in value.items()}
+            return object_hook(value)
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(envelope)
 
 
 def split_unacked(raw: bytes) -> tuple[bytes, str, str]:

@@ -162,3 +162,20 @@ def test_headers_larger_than_a_frame_are_refused_smaller_ones_pass() -> None:
     assert to_amqp(fits, queue="q", max_priority=None).headers["argsrepr"] == "x" * 60_000
     edge = [2**63 - 1, -(2**63), True]
     assert to_amqp(TaskMessage(b"{}", {"id": "1", "v": edge}), queue="q", max_priority=None)
+
+
+def test_amqp_only_header_types_survive_redis_as_kombu_writes_them() -> None:
+    import datetime as dt
+    from decimal import Decimal
+
+    from kombu.utils.json import loads as kombu_loads
+
+    stamp = dt.datetime(2026, 1, 2, 3, 4, 5)
+    death = [{"count": 1, "queue": "q", "reason": "rejected", "time": stamp}]
+    headers = {"task": "t", "id": "1", "x-death": death, "cost": Decimal("1.5"), "raw": b"\x00"}
+    raw = to_redis(TaskMessage(b"{}", headers), "q")
+    assert kombu_loads(raw)["headers"]["x-death"][0]["time"] == stamp  # a Redis worker's view
+    back = from_redis(raw)
+    assert back.headers["x-death"][0]["time"] == stamp
+    assert back.headers["cost"] == Decimal("1.5") and back.headers["raw"] == b"\x00"
+    assert to_amqp(back, queue="q", max_priority=None).headers["x-death"] == death
