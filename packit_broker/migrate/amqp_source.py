@@ -36,6 +36,7 @@ from packit_broker.config import BrokerEndpoint
 from packit_broker.kombu_layout import KombuLayout
 from packit_broker.messages import MalformedMessage, TaskMessage
 from packit_broker.migrate.protocols import Lane
+from packit_broker.queues import QueueSpec
 
 QUIET = 0.05  # s without a delivery before RabbitMQ is asked how many are ready
 SETTLE = 0.2  # s a queue reported empty must stay quiet (deliveries still on the wire)
@@ -180,6 +181,20 @@ class AmqpSource:
             return None
         channel.close()
         return QueueState(queue, int(ready), int(consumers))
+
+    def declared_differently(self, spec: QueueSpec) -> str | None:
+        """RabbitMQ's refusal of `spec`'s declaration where the queue exists with other
+        arguments (PRECONDITION_FAILED), else None; where they match, the declaration is a
+        no-op: nothing changes. A fresh channel, as a refusal closes it."""
+        channel = self.connection.channel()
+        try:
+            channel.queue_declare(
+                spec.name, durable=True, auto_delete=False, arguments=dict(spec.arguments) or None
+            )
+        except amqp.exceptions.PreconditionFailed as exc:
+            return str(exc.reply_text or exc)
+        channel.close()
+        return None
 
     def our_consumers(self, queue: str) -> int:
         lane = self.lanes.get(queue)

@@ -57,6 +57,9 @@ class RollbackPlan:
     queues: list[RollbackQueue]
     skipped: dict[str, str] = field(default_factory=dict)  # configured, absent: name -> why
     missing: list[str] = field(default_factory=list)  # requested with --queue, absent
+    #: queue -> RabbitMQ's refusal of the workers' declaration (other arguments: most often
+    #: an x-max-priority that PACKIT_BROKER_MAX_PRIORITY does not give)
+    declared_differently: dict[str, str] = field(default_factory=dict)
     #: the destination Redis holds another layout than configured (not overridable: tasks
     #: would be written where no worker reads, or partly refused by WRONGTYPE)
     layout_problems: list[str] = field(default_factory=list)
@@ -77,13 +80,21 @@ class RollbackPlan:
 
     @property
     def selection_refusal(self) -> str | None:
-        if not self.missing:
-            return None
-        names = ", ".join(repr(name) for name in self.missing)
-        return (
-            f"--queue {names} does not exist in RabbitMQ: check the spelling (and the vhost in"
-            " the URL)"
-        )
+        reasons = []
+        if self.missing:
+            names = ", ".join(repr(name) for name in self.missing)
+            reasons.append(
+                f"--queue {names} does not exist in RabbitMQ: check the spelling (and the vhost"
+                " in the URL)"
+            )
+        for name, why in sorted(self.declared_differently.items()):
+            reasons.append(
+                f"{name!r} exists in RabbitMQ with other arguments than the workers' declaration"
+                f" ({why}): set PACKIT_BROKER_MAX_PRIORITY (and PACKIT_BROKER_QUEUE_TYPE) as the"
+                " workers have them - without the queue's x-max-priority every task would land"
+                " in one Redis priority bucket"
+            )
+        return "; ".join(reasons) or None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -189,6 +200,8 @@ class Rollback:
                 continue
             origin = "requested" if requested else "configured"
             spec = self.queues.spec(name)
+            if (why := self.source.declared_differently(spec)) is not None:
+                plan.declared_differently[name] = why
             plan.queues.append(RollbackQueue(spec, origin, state.ready, state.consumers))
         return plan
 

@@ -1042,3 +1042,29 @@ def test_redelivered_messages_are_listed_apart(
     assert client.llen("packit_broker.redelivered") == 0
     human = run_migrate(env, "--queue", short)  # nothing left: nothing listed
     assert human.returncode == 0 and "redelivered" not in human.stdout
+
+
+def test_rollback_without_the_queues_max_priority_is_refused(
+    stack: Stack,
+    client_env: dict[str, str],
+    queue_names: tuple[str, str, str],
+    redis_url: str,
+) -> None:
+    """A priority queue rolled back without PACKIT_BROKER_MAX_PRIORITY would put its 0..10 in
+    one Redis bucket (issue 17: exit 0 before); it is refused, naming the setting."""
+    short = queue_names[0]
+    spec = QueueSettings(names=queue_names, max_priority=MAX_PRIORITY).spec(short)
+    messages = celery_messages(redis_url, spec, 3)
+    publish(stack, spec, messages)
+    env = rollback_env(client_env, redis_url)
+    del env["PACKIT_BROKER_MAX_PRIORITY"]
+    dry = run_migrate(env, "--queue", short, "--dry-run")
+    refused = run_migrate(env, "--queue", short)
+    assert dry.returncode == refused.returncode == 3, refused.stdout + refused.stderr
+    assert "PACKIT_BROKER_MAX_PRIORITY" in refused.stderr and "x-max-priority" in refused.stderr
+    assert queue_depth(stack, short) == len(messages)  # nothing moved
+    done = run_migrate(rollback_env(client_env, redis_url), "--queue", short)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(ids_in_redis(redis.Redis.from_url(redis_url), KombuLayout(), short)) == sorted(
+        m.task_id or "" for m in messages
+    )
