@@ -24,6 +24,23 @@ from packit_broker.migrate.report import QuarantinedEntry, Report
 
 Progress = Callable[[str, int], None]
 
+#: A batch also closes at this many bytes of entries (at least one entry): memory follows the
+#: bodies, not only their count. Two batches are in flight at most.
+DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
+#: How many entries the first read of a lane takes, before their size is known.
+FIRST_READ = 32
+
+
+def within_bytes(entries: Sequence[bytes], budget: int) -> Sequence[bytes]:
+    """The leading entries that fit in `budget` bytes (always the first): the rest stay in
+    the source, read again by the next batch."""
+    total = 0
+    for index, entry in enumerate(entries):
+        total += len(entry)
+        if total > budget and index > 0:
+            return entries[:index]
+    return entries
+
 
 @dataclass
 class Batch(Generic[Out]):
@@ -61,6 +78,7 @@ class Driver(Generic[Out]):
         report: Report,
         *,
         batch_size: int,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
         progress: Progress | None = None,
         check: Callable[[], None] | None = None,
         stop: Callable[[], bool] | None = None,
@@ -70,6 +88,8 @@ class Driver(Generic[Out]):
         self.sink = sink
         self.report = report
         self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
+        self._entry_bytes = 0  # the mean size of the entries last read; 0 before any
         self.progress = progress or (lambda queue, n: None)
         self.check = check or (lambda: None)
         self.stop = stop or (lambda: False)
@@ -107,7 +127,7 @@ class Driver(Generic[Out]):
         moved = 0
         while True:
             stopping = self.stop()
-            entries = () if stopping else self.source.read(lane, skip, size)
+            entries = () if stopping else self._read(lane, skip, size, depth)
             batch: Batch[Out] = self.decode(entries, lane)
             if batch.entries:
                 self.check()
@@ -135,6 +155,19 @@ class Driver(Generic[Out]):
             inflight.popleft()
             moved += self._commit(lane, done, refused, inflight)
             skip -= len(done.entries)
+
+    def _read(self, lane: Lane, skip: int, size: int, depth: int) -> Sequence[bytes]:
+        """Up to `size` entries, as many as fit the byte budget by the sizes seen so far (a
+        short first read learns them), then cut to the budget exactly."""
+        budget = self.batch_bytes // depth
+        if self._entry_bytes == 0:
+            count = min(size, FIRST_READ)
+        else:
+            count = max(1, min(size, budget // self._entry_bytes))
+        entries = self.source.read(lane, skip, count)
+        if entries:
+            self._entry_bytes = max(1, sum(len(e) for e in entries) // len(entries))
+        return within_bytes(entries, budget)
 
     def _commit(
         self,
