@@ -17,7 +17,7 @@ from tests.rig.hostile import hostile_server
 pytestmark = pytest.mark.integration
 
 HOST = "rabbitmq.apps.example.test"
-TIMEOUT = 3.0
+TIMEOUT = 5.0  # the default; the deadline leaves 2 s of 15 for starting the process
 PASSWORD = "hostile-servers-never-see-it"
 
 
