@@ -208,18 +208,45 @@ def _kombu_typed(value: Any) -> dict[str, Any]:
 
 
 def _kombu_restored(envelope: Any) -> Any:
-    """kombu's typed values (`{"__type__": ..., "__value__": ...}`) back to Python objects."""
-    from kombu.utils.json import object_hook
+    """kombu's typed values back to the AMQP types they stand for: datetime, bytes and a
+    decimal AMQP can hold. Any other typed value (uuid, date, a decimal too wide), or one
+    that does not parse, stays the JSON object it is, as before: never an error."""
 
     def restore(value: Any) -> Any:
-        if isinstance(value, dict):
-            value = {k: restore(v) for k, v in value.items()}
-            return object_hook(value)
         if isinstance(value, list):
             return [restore(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        value = {k: restore(v) for k, v in value.items()}
+        if value.keys() == {"__type__", "__value__"} and isinstance(value["__value__"], str):
+            return _typed(value["__type__"], value["__value__"], value)
         return value
 
     return restore(envelope)
+
+
+def _typed(kind: Any, text: str, original: dict[str, Any]) -> Any:
+    import datetime as dt
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        if kind == "datetime":
+            return dt.datetime.fromisoformat(text)
+        if kind == "bytes":  # kombu's form for bytes that are UTF-8
+            return text.encode("utf-8")
+        if kind == "base64":
+            return base64.b64decode(text.encode("ascii"), validate=True)
+        if kind == "decimal":
+            number = Decimal(text)
+            exponent = number.as_tuple().exponent
+            # py-amqp writes a decimal as an 8-bit scale and a signed 32-bit value
+            if isinstance(exponent, int) and -255 <= exponent <= 0:
+                scaled = int(number.scaleb(-exponent))
+                if scaled in range(-(1 << 31), 1 << 31):
+                    return number
+    except (ValueError, TypeError, InvalidOperation, binascii.Error):
+        pass
+    return original
 
 
 def split_unacked(raw: bytes) -> tuple[bytes, str, str]:

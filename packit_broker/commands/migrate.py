@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import amqp
 import click
 import redis
 
+from packit_broker import errors
 from packit_broker.config import (
     MIGRATE_FROM_VARIABLE,
     MIGRATE_TO_VARIABLE,
@@ -49,7 +51,7 @@ from packit_broker.migrate.progress import (
 from packit_broker.migrate.redis_source import LockHeld, LockLost, MutexBusy, RedisSource
 from packit_broker.migrate.report import POSSIBLE_DUPLICATES, REDELIVERED
 from packit_broker.migrate.rollback import Rollback, RollbackOptions, RollbackPlan
-from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE, survey_etas
+from packit_broker.migrate.run import DEFAULT_MAX_MESSAGE_SIZE, RESURVEY_SECONDS, survey_etas
 from packit_broker.recovery import RECONNECT_WINDOW
 
 #: What a network, TLS, broker or Redis failure can raise; anything else is a bug and shows
@@ -362,6 +364,14 @@ class _Progress:
     help="With --follow: stop once the selected queues stayed empty this long.",
 )
 @click.option(
+    "--resurvey-seconds",
+    type=click.FloatRange(0.5),
+    default=RESURVEY_SECONDS,
+    show_default=True,
+    help="With --follow: how often Redis is surveyed again for queues that appeared and for"
+    " unacked entries a killed Redis worker left (a survey scans the keyspace).",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
     help="With --follow: serve Prometheus metrics at http://ADDRESS:PORT/metrics.",
@@ -393,6 +403,7 @@ def migrate(
     reconnect_seconds: float,
     follow: bool,
     until_idle: float | None,
+    resurvey_seconds: float,
     metrics_port: int | None,
     metrics_address: str,
     **flags: Any,
@@ -469,6 +480,7 @@ def migrate(
         reconnect_seconds=reconnect_seconds,
         follow=follow,
         until_idle=until_idle,
+        resurvey_seconds=resurvey_seconds,
     )
     try:
         redis_display = redis_from_url(source_url).display_url
@@ -488,7 +500,9 @@ def migrate(
             click.echo(json.dumps({"event": "plan", **plan.as_dict()}))
         else:
             _print_plan(plan)
-        refused = plan.layout_refusal or (plan.refusal and not force and not follow)
+        # As Migration.run decides: a bridge waits for a live consumer, not for fresh unacked.
+        waits = follow and not plan.fresh_unacked
+        refused = plan.layout_refusal or (plan.refusal and not force and not waits)
         if refused:
             click.echo(f"refused (as the real run would be): {refused}", err=True)
             sys.exit(EXIT_REFUSED)
@@ -502,7 +516,8 @@ def migrate(
     progress = _Progress(total, as_json, follow=follow)
     stop = threading.Event()
     metrics = _serve_metrics(metrics_at) if follow else None
-    _stop_on_signals(stop, progress.notify)
+    caught: list[str] = []
+    _stop_on_signals(stop, caught)
     try:
         migration = Migration(
             source,
@@ -517,6 +532,7 @@ def migrate(
         )
         progress.start()
         report = migration.run(plan)
+        _say_stopped(caught, progress.notify)
     except Refused as exc:
         fix = (
             f"set --transport-options (or {TRANSPORT_OPTIONS_VARIABLE}) to the app's"
@@ -545,12 +561,25 @@ def _dial_destination(broker: BrokerEndpoint, plan: Plan) -> None:
     sink = AmqpSink(broker).connect()
     try:
         for queue_plan in plan.queues:
+            spec = queue_plan.spec
             channel = sink.connection.channel()
             try:
-                channel.queue_declare(queue_plan.spec.name, passive=True)
+                channel.queue_declare(spec.name, passive=True)
             except amqp.exceptions.NotFound:
                 continue  # the real run declares it
-            sink.declare(queue_plan.spec)
+            # Only the queue, as it exists: not its exchange, binding or dead-letter queue.
+            try:
+                sink._redeclare(spec, spec.arguments)
+            except amqp.exceptions.PreconditionFailed as exc:
+                text = str(exc.reply_text or exc)
+                existing = errors.existing_arguments(
+                    functools.partial(sink._redeclare, spec), spec.arguments, text
+                )
+                raise Diagnosed(
+                    errors.queue_mismatch(
+                        broker.display_url, spec.name, spec.arguments, existing, text
+                    )
+                ) from None
     finally:
         sink.close()
 
@@ -611,10 +640,12 @@ def _rollback(
                 sum(q.ready for q in plan.queues), as_json, follow=options.follow, name="rollback"
             )
             rollback.progress, rollback.notify = progress, progress.notify
-            _stop_on_signals(stop, progress.notify)
+            caught: list[str] = []
+            _stop_on_signals(stop, caught)
             side = ""
             progress.start()
             report = rollback.run(plan)
+            _say_stopped(caught, progress.notify)
     except Refused as exc:
         if plan.layout_refusal:
             _refuse(
@@ -652,21 +683,25 @@ def _rollback(
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _stop_on_signals(stop: threading.Event, notify: Callable[[str], None]) -> None:
+def _stop_on_signals(stop: threading.Event, caught: list[str]) -> None:
     """Each stop signal sets `stop` (the run finishes what is in flight and reports: exit 0
-    for --follow, the report's own code for a one-shot run); a second one is not caught."""
+    for --follow, the report's own code for a one-shot run) and is named in `caught`, said
+    once the run has stopped (a handler that prints could interrupt a print); a second one
+    is not caught."""
 
     def handle(signum: int, frame: object) -> None:
-        notify(
-            f"{signal.Signals(signum).name}: finishing the batches in flight, then the report"
-            " (again to stop at once)"
-        )
+        caught.append(signal.Signals(signum).name)
         stop.set()
         for again in STOP_SIGNALS:
             signal.signal(again, signal.SIG_DFL)
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handle)
+
+
+def _say_stopped(caught: list[str], notify: Callable[[str], None]) -> None:
+    if caught:
+        notify(f"{caught[0]}: stopped after the batches in flight; the report follows")
 
 
 def _serve_metrics(at: tuple[str, int] | None) -> FollowMetrics:

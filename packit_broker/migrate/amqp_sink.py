@@ -185,6 +185,9 @@ class AmqpSink:
     def prepare(self, target: QueueSpec) -> None:
         self.declare(target)
         delayed_delivery.declare(self.connection, target)
+        # The routes of what is published for it without `encode` (the unacked entries)
+        self._targets[(target.exchange, target.routing_key)] = target
+        self._targets[("", target.name)] = target
 
     def encode(self, message: TaskMessage, target: QueueSpec) -> AmqpMessage:
         """What reaches `target` (its own binding kept, or through delayed delivery when it is
@@ -453,6 +456,7 @@ class AmqpSink:
             pending, ticket.nacked = ticket.nacked, []
             again = self.send([message for _, message, _ in pending])
             self._await(again)
+            self._retry_unroutable(again)  # its queue deleted meanwhile: declared again
             ticket.refused.extend(Rejection(pending[r.index][0], r.reason) for r in again.refused)
             ticket.nacked = [(pending[i][0], m, pending[i][2]) for i, m, _ in again.nacked]
         for index, message, first_nacked in ticket.nacked:

@@ -28,7 +28,7 @@ Progress = Callable[[str, int], None]
 #: bodies, not only their count. Two batches are in flight at most.
 DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
 #: How many entries the first read of a lane takes, before their size is known.
-FIRST_READ = 32
+FIRST_READ = 8
 
 
 def within_bytes(entries: Sequence[bytes], budget: int) -> Sequence[bytes]:

@@ -381,6 +381,10 @@ class RedisSource:
     ) -> None:
         self.remove_confirmed(lane.key, entries, quarantine, keep_marker=keep_marker)
 
+    def has_unacked(self) -> bool:
+        """Whether kombu's `unacked` hash holds anything (one cheap HLEN, not HGETALL)."""
+        return bool(self.client.hlen(self.layout.unacked))
+
     def unacked(self) -> list[UnackedEntry]:
         """Every `unacked` entry, oldest delivery first (entries missing from the index last)."""
         scores = {

@@ -13,6 +13,7 @@ A queue another client consumes refuses the run (unless --force); --follow pause
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -261,6 +262,9 @@ class Rollback:
             sink,
             self.report,
             batch_size=self.options.batch_size,
+            # The AMQP source hands each delivery out once: a batch cut by bytes would leave
+            # the cut deliveries unwritten and unacked. Its prefetch bounds it by count.
+            batch_bytes=sys.maxsize,
             progress=progress,
             check=self._check_lock,
             stop=self.stop.is_set,

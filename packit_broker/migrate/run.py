@@ -47,8 +47,9 @@ from packit_broker.queues import QueueSettings, QueueSpec
 from packit_broker.recovery import RECONNECT_MAX_PAUSE, RECONNECT_WINDOW, Backoff
 
 #: --follow: how often the bridge surveys Redis again for queues that appeared since it started
-#: and for unacked entries a Redis worker left behind (once no Redis consumer is left).
-RESURVEY_SECONDS = 5.0
+#: and for unacked entries a Redis worker left behind (once no Redis consumer is left); a
+#: survey scans the keyspace, so not more often on a large database.
+RESURVEY_SECONDS = 30.0
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
 Bindings = dict[str, set[tuple[str, str]]]
@@ -69,6 +70,7 @@ class MigrateOptions:
     follow: bool = False  # after the backlog, keep moving what producers still push
     until_idle: float | None = None  # --follow ends once the queues stayed empty this long
     poll_seconds: float = 0.1  # --follow: pause between rounds that found nothing
+    resurvey_seconds: float = RESURVEY_SECONDS  # --follow: how often Redis is surveyed again
     #: one-shot: how long after losing RabbitMQ mid-run to keep reconnecting (--follow: always)
     reconnect_seconds: float = RECONNECT_WINDOW
 
@@ -517,7 +519,7 @@ class Migration:
             self._check_lock()
             if not self.options.force and not self._no_consumers(sink):
                 return
-            if time.monotonic() - surveyed >= RESURVEY_SECONDS:
+            if time.monotonic() - surveyed >= self.options.resurvey_seconds:
                 lanes += self._resurvey(sink, plan)
                 surveyed = time.monotonic()
             moved = sum(driver.move(lane) for lane in lanes if not self.stop.is_set())
@@ -551,7 +553,9 @@ class Migration:
                     f"found queue {queue_plan.spec.name!r} in Redis since the start"
                     f" ({queue_plan.total} tasks): declared in RabbitMQ and moved too"
                 )
-        if self.options.include_unacked and plan.unacked_readable:
+        # Not while any Redis client consumes (--force): its deliveries may be running.
+        live = self.source.live_consumers(self.options.recent_consumer_seconds)
+        if self.options.include_unacked and plan.unacked_readable and not live:
             self._move_left_unacked(sink, plan)
         return lanes
 
@@ -594,10 +598,11 @@ class Migration:
         keys = [k for q in plan.queues for k in q.keys.values()]
         lengths = dict(zip(keys, self.source.lengths(keys), strict=True))
         pending = {q.spec.name: sum(lengths[k] for k in q.keys.values()) for q in plan.queues}
-        if self.options.include_unacked and plan.unacked_readable:
+        if self.options.include_unacked and plan.unacked_readable and self.source.has_unacked():
             for entry in self.source.unacked():  # a Redis worker's tasks wait there as well
-                for target in _entry_targets(entry, plan.bindings, plan.known):
-                    if target in pending:
+                targets = _entry_targets(entry, plan.bindings, plan.known)
+                if targets and all(t in pending for t in targets):  # what this run moves
+                    for target in targets:
                         pending[target] += 1
         if self.metrics is not None:
             for queue, count in pending.items():

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from packit_broker.migrate.run import RESURVEY_SECONDS
 from packit_broker.stack import Stack
 from packit_broker.stack.processes import free_port
 from tests.integration import backlog
@@ -23,6 +22,9 @@ from tests.integration.test_migrate import drain, queue_depth
 from tests.integration.test_migrate_follow import metrics, poll, start_bridge
 
 pytestmark = pytest.mark.integration
+
+#: --resurvey-seconds for these runs (the default, 30 s, suits a large production database)
+RESURVEY = 2.0
 
 
 def _lists_left(redis_url: str) -> dict[str, int]:
@@ -47,13 +49,15 @@ def test_a_queue_that_appears_after_the_start_is_moved_not_stranded(
     tmp_path: Path,
 ) -> None:
     report = tmp_path / "report.json"
-    bridge = start_bridge(client_env, redis_url, "--report", str(report))
+    bridge = start_bridge(
+        client_env, redis_url, "--report", str(report), "--resurvey-seconds", str(RESURVEY)
+    )
     late = f"new-release-{uuid.uuid4().hex[:8]}"  # a producer release routing to a new queue
     try:
         time.sleep(2)  # the bridge has planned and is following
         app = backlog.producer(redis_url, (*queue_names, late))
         sent = [backlog.send(app, late, f"late-{n}") for n in range(30)]
-        poll(lambda: queue_depth(stack, late) == len(sent), 3 * RESURVEY_SECONDS + 30, "moved")
+        poll(lambda: queue_depth(stack, late) == len(sent), 3 * RESURVEY + 30, "moved")
         data = _stop(bridge, report)
     finally:
         if bridge.poll() is None:
@@ -74,7 +78,9 @@ def test_complete_is_false_while_a_late_queue_is_still_in_redis(
     """Stopped right after tasks landed in a queue nobody planned: either the bridge moved them
     in time (complete), or they are still in Redis and the report says so (not complete)."""
     report = tmp_path / "report.json"
-    bridge = start_bridge(client_env, redis_url, "--report", str(report))
+    bridge = start_bridge(
+        client_env, redis_url, "--report", str(report), "--resurvey-seconds", str(RESURVEY)
+    )
     late = f"misrouted-{uuid.uuid4().hex[:8]}"
     try:
         time.sleep(2)
@@ -124,7 +130,7 @@ def test_an_old_worker_killed_mid_bridge_leaves_nothing_behind(
         poll(lambda: metrics(port).get(gauge) == len(held), 30, "counted as pending")
         assert queue_depth(stack, queue) == 0
         backlog.backdate_unacked(client, 3600)  # the worker died an hour ago
-        poll(lambda: queue_depth(stack, queue) == len(held), 3 * RESURVEY_SECONDS + 30, "moved")
+        poll(lambda: queue_depth(stack, queue) == len(held), 3 * RESURVEY + 30, "moved")
         poll(lambda: metrics(port).get(gauge) == 0, 30, "pending back to 0")
         data = _stop(bridge, report)
     finally:
@@ -143,7 +149,9 @@ def test_a_queue_deleted_mid_bridge_is_declared_again_nothing_quarantined(
     tmp_path: Path,
 ) -> None:
     report = tmp_path / "report.json"
-    bridge = start_bridge(client_env, redis_url, "--report", str(report))
+    bridge = start_bridge(
+        client_env, redis_url, "--report", str(report), "--resurvey-seconds", str(RESURVEY)
+    )
     queue = queue_names[0]
     app = backlog.producer(redis_url, queue_names)
     try:
@@ -171,7 +179,9 @@ def test_a_dropped_lock_connection_does_not_let_a_second_bridge_in(
     tmp_path: Path,
 ) -> None:
     report = tmp_path / "report.json"
-    first = start_bridge(client_env, redis_url, "--report", str(report))
+    first = start_bridge(
+        client_env, redis_url, "--report", str(report), "--resurvey-seconds", str(RESURVEY)
+    )
     client = redis.Redis.from_url(redis_url)
     queue = queue_names[0]
     try:

@@ -173,9 +173,26 @@ def test_amqp_only_header_types_survive_redis_as_kombu_writes_them() -> None:
     stamp = dt.datetime(2026, 1, 2, 3, 4, 5)
     death = [{"count": 1, "queue": "q", "reason": "rejected", "time": stamp}]
     headers = {"task": "t", "id": "1", "x-death": death, "cost": Decimal("1.5"), "raw": b"\x00"}
+    headers["bin"] = b"\xff\x00"
     raw = to_redis(TaskMessage(b"{}", headers), "q")
     assert kombu_loads(raw)["headers"]["x-death"][0]["time"] == stamp  # a Redis worker's view
     back = from_redis(raw)
     assert back.headers["x-death"][0]["time"] == stamp
     assert back.headers["cost"] == Decimal("1.5") and back.headers["raw"] == b"\x00"
+    assert back.headers["bin"] == b"\xff\x00"
     assert to_amqp(back, queue="q", max_priority=None).headers["x-death"] == death
+
+
+def test_typed_values_amqp_cannot_hold_stay_as_they_are_never_an_error() -> None:
+    odd = {
+        "wide": {"__type__": "decimal", "__value__": "12345678901"},
+        "uuid": {"__type__": "uuid", "__value__": "not-even-a-uuid"},
+        "bad": {"__type__": "datetime", "__value__": "yesterday"},
+        "extra": {"__type__": "datetime", "__value__": "2026-01-01", "more": 1},
+    }
+    raw = json.dumps({**json.loads(to_redis(TaskMessage(b"{}", {"task": "t", "id": "1"}), "q"))})
+    envelope = json.loads(raw)
+    envelope["headers"].update(odd)
+    back = from_redis(json.dumps(envelope).encode())
+    assert {k: back.headers[k] for k in odd} == odd
+    assert to_amqp(back, queue="q", max_priority=None).headers["wide"] == odd["wide"]
