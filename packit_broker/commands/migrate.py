@@ -502,7 +502,7 @@ def migrate(
             _print_plan(plan)
         # As Migration.run decides: a bridge waits for a live consumer, not for fresh unacked.
         waits = follow and not plan.fresh_unacked
-        refused = plan.layout_refusal or (plan.refusal and not force and not waits)
+        refused = plan.layout_refusal or (None if force or waits else plan.refusal)
         if refused:
             click.echo(f"refused (as the real run would be): {refused}", err=True)
             sys.exit(EXIT_REFUSED)

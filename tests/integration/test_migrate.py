@@ -91,9 +91,11 @@ def test_full_cutover_executes_every_task_once_in_priority_order(
     client.lpush(limited, oversized)
     before = {key: client.dump(key) for key in client.keys("*")}
 
-    # Dry run: the plan, nothing touched anywhere.
+    # Dry run: the plan, nothing touched anywhere, and the exit code of the real run (the
+    # killed worker's unacked entries are fresh, so it would refuse: 3).
     dry = run_migrate(env, "--from", redis_url, "--dry-run", "--json")
-    assert dry.returncode == 0, dry.stderr
+    assert dry.returncode == 3, dry.stderr
+    assert "unacked" in dry.stderr
     plan = json.loads(dry.stdout)
     by_name = {q["name"]: q for q in plan["queues"]}
     assert by_name[short]["priority_buckets"] == {"0": 2, "3": 2, "6": 2, "9": 2}
