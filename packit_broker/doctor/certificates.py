@@ -139,7 +139,8 @@ def _certificate_failure(
     chain: int | None = None,
 ) -> None:
     """Name why verification failed. `chain`: how many certificates the server sent, when
-    known (a lone leaf not issued by the CA file's CA is a chain missing its intermediate)."""
+    known (a lone leaf whose issuer is not in the CA file: a missing intermediate, or a root
+    the client does not have)."""
     message = exc.verify_message or str(exc)
     ca = str(ca_file) if ca_file else "the system CA store"
     if cert is not None and cert.looks_like_router_default(host):
@@ -177,14 +178,16 @@ def _certificate_failure(
             " names in the URL (the dial address goes in *_CONNECT_TO)",
         )
     elif exc.verify_code == _NO_LOCAL_ISSUER and chain == 1:
-        issuer = cert.issuer if cert else "an intermediate CA"
+        # A lone certificate: issued by an intermediate the server does not send, or by a root
+        # the CA file lacks (a rotated CA); nothing on the wire tells which.
+        issuer = cert.issuer if cert else "an unknown issuer"
         report.fail(
             "certificate",
             f"the server sent only its own certificate, issued by {issuer}, and that issuer is"
-            f" not in {ca} ({message}): the server's chain lacks its intermediate",
-            "fix the server's chain: its tls.crt must hold the server certificate followed by"
-            " the intermediate CA certificate(s) (cert-manager's tls.crt does; a hand-made"
-            " Secret may not); the CA file stays the root",
+            f" not in {ca} ({message})",
+            "if that issuer is a root (a new or rotated CA), set *_CA_FILE to it (a bundle with"
+            " the old and the new CA during a rotation); if it is an intermediate, fix the"
+            " server's chain: tls.crt = the server certificate followed by the intermediate(s)",
         )
     elif exc.verify_code == _NO_LOCAL_ISSUER:
         issuer = f", issued by {cert.issuer}," if cert else ""
