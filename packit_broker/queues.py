@@ -125,10 +125,16 @@ class QueueSpec:
         (and the dead-letter queue first, so that nothing is dead-lettered into nowhere)."""
         self.declare_dead_letter(channel)
         channel.exchange_declare(self.exchange, self.exchange_type, durable=True, auto_delete=False)
-        channel.queue_declare(
-            self.name, durable=True, auto_delete=False, arguments=self.arguments or None
-        )
+        self.declare_queue(channel)
         channel.queue_bind(self.name, self.exchange, self.routing_key)
+
+    def declare_queue(self, channel: Any, arguments: Mapping[str, Any] | None = None) -> None:
+        """The queue alone, with its own arguments (or `arguments`): a no-op on a queue that
+        exists with the same ones, PRECONDITION_FAILED on one with others."""
+        wanted = self.arguments if arguments is None else arguments
+        channel.queue_declare(
+            self.name, durable=True, auto_delete=False, arguments=dict(wanted) or None
+        )
 
 
 @dataclass(frozen=True)

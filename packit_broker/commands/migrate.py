@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -19,7 +18,6 @@ import amqp
 import click
 import redis
 
-from packit_broker import errors
 from packit_broker.config import (
     MIGRATE_FROM_VARIABLE,
     MIGRATE_TO_VARIABLE,
@@ -555,31 +553,12 @@ def migrate(
 
 
 def _dial_destination(broker: BrokerEndpoint, plan: Plan) -> None:
-    """A dry run's look at RabbitMQ, changing nothing: log in, and for each queue that exists
-    declare it as the run would (a no-op when its arguments match, PRECONDITION_FAILED when
-    not); a queue that does not exist yet is left alone."""
+    """A dry run's look at RabbitMQ, changing nothing: log in, and check each planned queue
+    that exists against the workers' declaration (`AmqpSink.check_existing`)."""
     sink = AmqpSink(broker).connect()
     try:
         for queue_plan in plan.queues:
-            spec = queue_plan.spec
-            channel = sink.connection.channel()
-            try:
-                channel.queue_declare(spec.name, passive=True)
-            except amqp.exceptions.NotFound:
-                continue  # the real run declares it
-            # Only the queue, as it exists: not its exchange, binding or dead-letter queue.
-            try:
-                sink._redeclare(spec, spec.arguments)
-            except amqp.exceptions.PreconditionFailed as exc:
-                text = str(exc.reply_text or exc)
-                existing = errors.existing_arguments(
-                    functools.partial(sink._redeclare, spec), spec.arguments, text
-                )
-                raise Diagnosed(
-                    errors.queue_mismatch(
-                        broker.display_url, spec.name, spec.arguments, existing, text
-                    )
-                ) from None
+            sink.check_existing(queue_plan.spec)
     finally:
         sink.close()
 

@@ -215,21 +215,36 @@ class AmqpSink:
         try:
             queue.declare(self.channel)
         except amqp.exceptions.PreconditionFailed as exc:
-            text = str(exc.reply_text or exc)
-            existing = errors.existing_arguments(
-                lambda arguments: self._redeclare(queue, arguments), queue.arguments, text
+            raise self._mismatch(queue, exc) from None
+
+    def check_existing(self, queue: QueueSpec) -> None:
+        """A dry run's declaration, changing nothing: a queue that exists is declared alone
+        (not its exchange, binding or dead-letter queue), which is a no-op when its arguments
+        match and `Diagnosed` when not; one that does not exist yet is left alone."""
+        channel = self.connection.channel()
+        try:
+            channel.queue_declare(queue.name, passive=True)
+        except amqp.exceptions.NotFound:
+            return  # the real run declares it
+        try:
+            self._redeclare(queue, queue.arguments)
+        except amqp.exceptions.PreconditionFailed as exc:
+            raise self._mismatch(queue, exc) from None
+
+    def _mismatch(self, queue: QueueSpec, exc: Any) -> errors.Diagnosed:
+        text = str(exc.reply_text or exc)
+        existing = errors.existing_arguments(
+            lambda arguments: self._redeclare(queue, arguments), queue.arguments, text
+        )
+        return errors.Diagnosed(
+            errors.queue_mismatch(
+                self.endpoint.display_url, queue.name, queue.arguments, existing, text
             )
-            raise errors.Diagnosed(
-                errors.queue_mismatch(
-                    self.endpoint.display_url, queue.name, queue.arguments, existing, text
-                )
-            ) from None
+        )
 
     def _redeclare(self, queue: QueueSpec, arguments: Mapping[str, Any]) -> None:
         channel = self.connection.channel()
-        channel.queue_declare(
-            queue.name, durable=True, auto_delete=False, arguments=dict(arguments) or None
-        )
+        queue.declare_queue(channel, arguments)
         channel.close()
 
     # -- broker events --------------------------------------------------------------------------

@@ -188,9 +188,7 @@ class AmqpSource:
         no-op: nothing changes. A fresh channel, as a refusal closes it."""
         channel = self.connection.channel()
         try:
-            channel.queue_declare(
-                spec.name, durable=True, auto_delete=False, arguments=dict(spec.arguments) or None
-            )
+            spec.declare_queue(channel)
         except amqp.exceptions.PreconditionFailed as exc:
             return str(exc.reply_text or exc)
         channel.close()
