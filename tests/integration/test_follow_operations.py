@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,11 +35,27 @@ def _lists_left(redis_url: str) -> dict[str, int]:
     return {k.decode(): int(client.llen(k)) for k in client.keys("*") if client.type(k) == b"list"}
 
 
-def _stop(bridge: object, report: Path) -> dict[str, object]:
+@contextmanager
+def _bridge(
+    client_env: dict[str, str], redis_url: str, report: Path, *args: str
+) -> Iterator[subprocess.Popen[str]]:
+    """A bridge writing `report` and surveying Redis every RESURVEY s; killed if the test
+    leaves it running."""
+    bridge = start_bridge(
+        client_env, redis_url, "--report", str(report), "--resurvey-seconds", str(RESURVEY), *args
+    )
+    try:
+        yield bridge
+    finally:
+        if bridge.poll() is None:
+            bridge.kill()
+
+
+def _stop(bridge: subprocess.Popen[str], report: Path) -> dict[str, object]:
     """SIGTERM, exit 0, the report, and under "_events" every JSON line the bridge printed."""
-    bridge.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
-    stdout, stderr = bridge.communicate(timeout=60)  # type: ignore[attr-defined]
-    assert bridge.returncode == 0, stderr  # type: ignore[attr-defined]
+    bridge.send_signal(signal.SIGTERM)
+    stdout, stderr = bridge.communicate(timeout=60)
+    assert bridge.returncode == 0, stderr
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     return {**json.loads(report.read_text()), "_events": events}
 
@@ -49,19 +68,13 @@ def test_a_queue_that_appears_after_the_start_is_moved_not_stranded(
     tmp_path: Path,
 ) -> None:
     report = tmp_path / "report.json"
-    bridge = start_bridge(
-        client_env, redis_url, "--report", str(report), "--resurvey-seconds", str(RESURVEY)
-    )
     late = f"new-release-{uuid.uuid4().hex[:8]}"  # a producer release routing to a new queue
-    try:
+    with _bridge(client_env, redis_url, report) as bridge:
         time.sleep(2)  # the bridge has planned and is following
         app = backlog.producer(redis_url, (*queue_names, late))
         sent = [backlog.send(app, late, f"late-{n}") for n in range(30)]
         poll(lambda: queue_depth(stack, late) == len(sent), 3 * RESURVEY + 30, "moved")
         data = _stop(bridge, report)
-    finally:
-        if bridge.poll() is None:
-            bridge.kill()
     delivered = [m.headers["id"] for m in drain(stack, late)]
     assert sorted(delivered) == sorted(sent)
     assert data["complete"] is True and data["remaining"] == {}
@@ -78,18 +91,12 @@ def test_complete_is_false_while_a_late_queue_is_still_in_redis(
     """Stopped right after tasks landed in a queue nobody planned: either the bridge moved them
     in time (complete), or they are still in Redis and the report says so (not complete)."""
     report = tmp_path / "report.json"
-    bridge = start_bridge(
-        client_env, redis_url, "--report", str(report), "--resurvey-seconds", str(RESURVEY)
-    )
     late = f"misrouted-{uuid.uuid4().hex[:8]}"
-    try:
+    with _bridge(client_env, redis_url, report) as bridge:
         time.sleep(2)
         app = backlog.producer(redis_url, (late,))
         sent = [backlog.send(app, late, f"late-{n}") for n in range(10)]
         data = _stop(bridge, report)
-    finally:
-        if bridge.poll() is None:
-            bridge.kill()
     left = _lists_left(redis_url)
     moved = [m.headers["id"] for m in drain(stack, late)] if queue_depth(stack, late) > 0 else []
     if left:
@@ -107,12 +114,9 @@ def test_an_old_worker_killed_mid_bridge_leaves_nothing_behind(
     tmp_path: Path,
 ) -> None:
     report, port = tmp_path / "report.json", free_port()
-    bridge = start_bridge(
-        client_env, redis_url, "--report", str(report), "--metrics-port", str(port)
-    )
     queue = queue_names[0]
     client = redis.Redis.from_url(redis_url)
-    try:
+    with _bridge(client_env, redis_url, report, "--metrics-port", str(port)) as bridge:
         time.sleep(2)
         app = backlog.producer(redis_url, queue_names)
         # An old Redis worker comes back: the bridge pauses for it, the worker takes three
@@ -133,9 +137,6 @@ def test_an_old_worker_killed_mid_bridge_leaves_nothing_behind(
         poll(lambda: queue_depth(stack, queue) == len(held), 3 * RESURVEY + 30, "moved")
         poll(lambda: metrics(port).get(gauge) == 0, 30, "pending back to 0")
         data = _stop(bridge, report)
-    finally:
-        if bridge.poll() is None:
-            bridge.kill()
     assert sorted(m.headers["id"] for m in drain(stack, queue)) == sorted(held)
     assert client.hlen("unacked") == 0
     assert data["complete"] is True and data["unacked_migrated"] == len(held)
@@ -149,21 +150,15 @@ def test_a_queue_deleted_mid_bridge_is_declared_again_nothing_quarantined(
     tmp_path: Path,
 ) -> None:
     report = tmp_path / "report.json"
-    bridge = start_bridge(
-        client_env, redis_url, "--report", str(report), "--resurvey-seconds", str(RESURVEY)
-    )
     queue = queue_names[0]
     app = backlog.producer(redis_url, queue_names)
-    try:
+    with _bridge(client_env, redis_url, report) as bridge:
         first = [backlog.send(app, queue, f"before-{n}") for n in range(5)]
         poll(lambda: queue_depth(stack, queue) == len(first), 30, "moved")
         rabbitmqctl(stack, "delete_queue", queue)  # an operator deletes it, with its tasks
         later = [backlog.send(app, queue, f"after-{n}") for n in range(5)]
         poll(lambda: queue_depth(stack, queue) == len(later), 30, "moved after the delete")
         data = _stop(bridge, report)
-    finally:
-        if bridge.poll() is None:
-            bridge.kill()
     assert sorted(m.headers["id"] for m in drain(stack, queue)) == sorted(later)
     notices = [e["text"] for e in data["_events"] if e.get("event") == "notice"]
     assert any("had vanished" in str(t) and queue in str(t) for t in notices), notices
@@ -179,12 +174,9 @@ def test_a_dropped_lock_connection_does_not_let_a_second_bridge_in(
     tmp_path: Path,
 ) -> None:
     report = tmp_path / "report.json"
-    first = start_bridge(
-        client_env, redis_url, "--report", str(report), "--resurvey-seconds", str(RESURVEY)
-    )
     client = redis.Redis.from_url(redis_url)
     queue = queue_names[0]
-    try:
+    with _bridge(client_env, redis_url, report) as first:
         poll(lambda: client.get("packit_broker.lock") is not None, 30, "locked")
         holder = json.loads(client.get("packit_broker.lock") or b"{}")
         owner = holder["owner"]
@@ -202,8 +194,5 @@ def test_a_dropped_lock_connection_does_not_let_a_second_bridge_in(
         sent = [backlog.send(app, queue, f"after-{n}") for n in range(5)]
         poll(lambda: queue_depth(stack, queue) == len(sent), 30, "moved by the first bridge")
         data = _stop(first, report)
-    finally:
-        if first.poll() is None:
-            first.kill()
     assert sorted(m.headers["id"] for m in drain(stack, queue)) == sorted(sent)
     assert data["complete"] is True
